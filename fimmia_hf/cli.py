@@ -1,0 +1,49 @@
+"""`fimmia-hf`: one subcommand per stage.
+
+Each subcommand lives in the module that does the work, as a pair of functions
+`add_<command>_arguments(parser)` and `run_<command>(args)`; this file only routes, and imports a
+module when its command is used, so `fimmia-hf --help` stays fast. `accelerate launch -m
+fimmia_hf.cli <command> ...` runs the same code in every process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("data", "check a sample table (columns, labels, media) and print a summary"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only `command`'s module is imported to add its arguments."""
+    parser = argparse.ArgumentParser(
+        prog="fimmia-hf",
+        description="Membership inference (training-data leakage detection) for multimodal LLMs.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.import_module('fimmia_hf').__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            getattr(importlib.import_module(f"fimmia_hf.{module}"), f"add_{name}_arguments")(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    module = importlib.import_module(f"fimmia_hf.{COMMANDS[args.command][0]}")
+    try:
+        return getattr(module, f"run_{args.command}")(args) or 0
+    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
+        print(f"fimmia-hf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The sample table: loading, validation, stable ids, group-aware splits, safe saving.
+
+One row per sample (`input`, `answer`, `ds_name`, at most one media column, optional `label` and
+`sample_id`). Every later stage adds columns to these rows; nothing is ever joined by position, so
+each row gets a stable `sample_id`. Bad input raises `SampleError` naming the file, rows and column,
+and the user's files are only ever read.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import datasets
+import numpy as np
+
+from .media import MEDIA_COLUMNS, MediaError, load_media
+
+REQUIRED_COLUMNS = ("input", "answer")
+MODALITIES = (*MEDIA_COLUMNS, "text")
+_TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+_MAX_LISTED = 20
+_TEXT_COLUMNS = {"input", "answer", "ds_name", "sample_id"}
+
+
+class SampleError(ValueError):
+    """Bad sample data; the message names the file, the row(s) and the column."""
+
+
+def _rows_message(where: str, column: str, problem: str, rows: list[tuple[int, str]]) -> str:
+    shown = "\n".join(f"  row {row}: {detail}" for row, detail in rows[:_MAX_LISTED])
+    more = f"\n  ... and {len(rows) - _MAX_LISTED} more" if len(rows) > _MAX_LISTED else ""
+    return f"{where}: column '{column}': {problem} in {len(rows)} row(s) (rows numbered from 1):\n{shown}{more}"
+
+
+def _read_table(path: Path) -> datasets.Dataset:
+    """Read a file or `save_to_disk` folder with every table cell kept as the user wrote it."""
+    import pandas as pd
+
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            raise SampleError(f"{path}: holds a DatasetDict ({', '.join(loaded)}); pass one split's folder")
+        return loaded
+    if not path.is_file():
+        raise SampleError(f"{path}: no such file or folder")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in _TABLE_SUFFIXES:  # strings throughout: answer "1" stays "1", "" stays ""
+            frame = pd.read_csv(path, sep=_TABLE_SUFFIXES[suffix], dtype=str, keep_default_na=False)
+        elif suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        elif suffix in (".json", ".jsonl"):
+            frame = pd.read_json(path, lines=suffix == ".jsonl", dtype=False, convert_dates=False)
+        else:
+            raise SampleError(f"{path}: unsupported format {suffix!r}; use CSV, TSV, Parquet, JSON, JSONL or a dataset folder")
+    except SampleError:
+        raise
+    except Exception as err:
+        raise SampleError(f"{path}: cannot read the table: {err}") from err
+    for column in _TEXT_COLUMNS & set(frame.columns):  # JSON/Parquet may hold numbers or mixed types here
+        frame[column] = frame[column].map(_as_text)
+    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def _as_text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():  # a JSON/Parquet number 1.0 written as answer "1"
+        return str(int(value))
+    return str(value)
+
+
+def _media_key(value: Any) -> str:
+    """What identifies a media item in the sample id: its path as given, or a hash of its content."""
+    if isinstance(value, dict):
+        value = value.get("path") or value.get("bytes")
+    if isinstance(value, (str, os.PathLike)):
+        return str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return hashlib.sha1(value).hexdigest()
+    if hasattr(value, "tobytes"):
+        return hashlib.sha1(value.tobytes()).hexdigest()
+    return ""
+
+
+def sample_id_of(ds_name: str, input: str, answer: str, media: Any = None) -> str:
+    """Stable content hash of a sample, the same in any process or machine."""
+    payload = json.dumps([ds_name, input, answer, _media_key(media)], ensure_ascii=False)
+    return hashlib.sha1(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def _media_column(columns: list[str], modality: str | None, where: str) -> str | None:
+    present = [c for c in MEDIA_COLUMNS if c in columns]
+    if len(present) > 1:
+        raise SampleError(f"{where}: more than one media column ({', '.join(present)}); keep one per table")
+    if modality is not None:
+        if modality not in MODALITIES:
+            raise SampleError(f"{where}: unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+        if modality == "text":
+            if present:
+                raise SampleError(f"{where}: modality 'text' but the table has a '{present[0]}' column")
+            return None
+        if modality not in columns:
+            raise SampleError(f"{where}: modality '{modality}' needs a '{modality}' column (columns: {', '.join(columns)})")
+    return present[0] if present else None
+
+
+def _check_media(ds: datasets.Dataset, column: str, where: str) -> None:
+    """Decode every media item up front and list all the rows that fail."""
+    bad = []
+    for i, value in enumerate(ds[column]):
+        try:
+            load_media(column, value, **({"sampling_rate": None} if column == "audio" else {}))
+        except MediaError as err:
+            bad.append((i + 1, str(err)))
+    if bad:
+        raise SampleError(_rows_message(where, column, "missing or undecodable media", bad))
+
+
+def load_samples(
+    source: Any,
+    *,
+    modality: str | None = None,
+    media_root: str | os.PathLike | None = None,
+    ds_name: str | None = None,
+) -> datasets.Dataset:
+    """Load and validate samples from a table file, a dataset folder, a `Dataset` or a DataFrame.
+
+    Media paths are resolved against `media_root` (default: the table's folder) and stored
+    absolute. `ds_name` fills the column when the table has none (default: the file's stem).
+    Columns added by later stages pass through unchanged, so stage outputs load back too.
+    """
+    import pandas as pd
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        where, base = str(path), (path if path.is_dir() else path.parent)
+        ds = _read_table(path)
+        default_name = ds_name or path.stem
+    elif isinstance(source, datasets.Dataset):
+        where, base, ds, default_name = "dataset", None, source, ds_name or "samples"
+    elif isinstance(source, pd.DataFrame):
+        where, base, default_name = "DataFrame", None, ds_name or "samples"
+        ds = datasets.Dataset.from_pandas(source, preserve_index=False)
+    else:
+        raise SampleError(f"cannot load samples from a {type(source).__name__}; pass a path, Dataset or DataFrame")
+    if media_root is not None:
+        base = Path(media_root)
+
+    columns = list(ds.column_names)
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise SampleError(f"{where}: missing required column(s) {', '.join(map(repr, missing))} (columns: {', '.join(columns)})")
+    media = _media_column(columns, modality, where)
+
+    inputs = [_as_text(v) for v in ds["input"]]
+    empty = [(i + 1, "empty text") for i, text in enumerate(inputs) if not text.strip()]
+    if empty:
+        raise SampleError(_rows_message(where, "input", "empty input", empty))
+    updates: dict[str, list] = {"input": inputs, "answer": [_as_text(v) for v in ds["answer"]]}
+    if "ds_name" in columns:
+        updates["ds_name"] = [_as_text(v) or default_name for v in ds["ds_name"]]
+    else:
+        updates["ds_name"] = [default_name] * len(ds)
+
+    if "label" in columns:
+        labels, bad = [], []
+        for i, value in enumerate(ds["label"]):
+            text = _as_text(value).strip().lower()
+            label = {"0": 0, "1": 1, "false": 0, "true": 1, "0.0": 0, "1.0": 1}.get(text)
+            if label is None:
+                bad.append((i + 1, f"{value!r}"))
+            labels.append(label)
+        if bad:
+            raise SampleError(_rows_message(where, "label", "label must be 0 (non-member) or 1 (member)", bad))
+        updates["label"] = labels
+
+    is_path_column = media is not None and isinstance(ds.features[media], datasets.Value)
+    if is_path_column:
+        raw = ds[media]
+        missing_ref = [(i + 1, "no media path") for i, v in enumerate(raw) if not v]
+        if missing_ref:
+            raise SampleError(_rows_message(where, media, "missing media reference", missing_ref))
+        resolved = [str((base / v).resolve()) if base is not None and not Path(v).is_absolute() else v for v in raw]
+        media_keys = raw  # ids use the path as written, so they do not depend on where the table lives
+        updates[media] = resolved
+    elif media is not None:  # decoded media (datasets Image/Audio/Video features): hash the stored bytes
+        feature = copy.copy(ds.features[media])
+        if hasattr(feature, "decode"):
+            feature.decode = False
+        media_keys = ds.cast_column(media, feature)[media]
+
+    if "sample_id" in columns:
+        ids = [_as_text(v) for v in ds["sample_id"]]
+    else:
+        keys = media_keys if media is not None else [None] * len(ds)
+        ids = [sample_id_of(n, t, a, m) for n, t, a, m in zip(updates["ds_name"], inputs, updates["answer"], keys)]
+    first_seen: dict[str, int] = {}
+    duplicates = []
+    for i, sid in enumerate(ids):
+        if sid in first_seen:
+            duplicates.append((i + 1, f"sample_id {sid!r} repeats row {first_seen[sid] + 1}"))
+        else:
+            first_seen[sid] = i
+    if duplicates:
+        raise SampleError(_rows_message(where, "sample_id", "duplicate samples", duplicates))
+    updates["sample_id"] = ids
+
+    rest = ds.flatten_indices().remove_columns([c for c in updates if c in columns])
+    out = datasets.Dataset.from_dict(updates)
+    if rest.column_names:
+        out = datasets.concatenate_datasets([out, rest], axis=1)
+    if media is not None:
+        _check_media(out, media, where)
+    first = [c for c in ("sample_id", "input", "answer", "ds_name", media, "label") if c in out.column_names]
+    return out.select_columns(first + [c for c in out.column_names if c not in first])
+
+
+def modality_of(ds: datasets.Dataset) -> str:
+    """The dataset's modality: its media column's name, or "text"."""
+    return next((c for c in MEDIA_COLUMNS if c in ds.column_names), "text")
+
+
+def _stratum(labels: Iterable[Any], names: Iterable[Any]) -> str:
+    labels, names = set(labels), set(names)
+    return f"{labels.pop() if len(labels) == 1 else 'mixed'}|{'/'.join(sorted(map(str, names)))}"
+
+
+def split_samples(
+    ds: datasets.Dataset, test_size: float | int, seed: int = 0
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split by sample (rows sharing a `sample_id` stay together), stratified by label and ds_name.
+
+    Paired tables hold each sample twice (base and fine-tuned scores); both rows go to the same
+    side. Strata too small to split fall back to label-only, then to a plain shuffled split.
+    """
+    from sklearn.model_selection import train_test_split
+
+    ids = ds["sample_id"] if "sample_id" in ds.column_names else [str(i) for i in range(len(ds))]
+    labels = ds["label"] if "label" in ds.column_names else [None] * len(ds)
+    names = ds["ds_name"] if "ds_name" in ds.column_names else [None] * len(ds)
+    groups: dict[str, list[int]] = {}
+    for i, sid in enumerate(ids):
+        groups.setdefault(sid, []).append(i)
+    keys = list(groups)
+    if len(keys) < 2:
+        raise SampleError(f"cannot split {len(keys)} sample(s) into train and test")
+    full = [_stratum([labels[i] for i in groups[k]], [names[i] for i in groups[k]]) for k in keys]
+    label_only = [s.split("|")[0] for s in full]
+    for stratify in (full, label_only, None):
+        try:
+            train_keys, test_keys = train_test_split(keys, test_size=test_size, random_state=seed, stratify=stratify)
+            break
+        except ValueError:
+            if stratify is None:
+                raise
+    train_rows = sorted(i for k in train_keys for i in groups[k])
+    test_rows = sorted(i for k in test_keys for i in groups[k])
+    return ds.select(train_rows), ds.select(test_rows)
+
+
+def save_dataset(ds: datasets.Dataset, out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write `ds` to `out` (a `save_to_disk` folder, or `.parquet` / `.csv` / `.jsonl` by suffix).
+
+    Refuses to overwrite any of `inputs`, so a stage never replaces the data it read.
+    """
+    out = Path(out)
+    for source in inputs:
+        if Path(source).resolve() == out.resolve():
+            raise ValueError(f"refusing to overwrite the input {source}; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    suffix = out.suffix.lower()
+    if suffix == ".parquet":
+        ds.to_parquet(str(out))
+    elif suffix == ".csv":
+        ds.to_csv(str(out), index=False)
+    elif suffix == ".jsonl":
+        ds.to_json(str(out), lines=True, force_ascii=False)
+    else:
+        ds.save_to_disk(str(out))
+    return out
+
+
+def add_validate_arguments(parser: Any) -> None:
+    parser.add_argument("data", help="sample table (CSV/TSV/Parquet/JSON/JSONL) or a save_to_disk folder")
+    parser.add_argument("--modality", choices=MODALITIES, help="expected modality (default: from the columns)")
+    parser.add_argument("--media-root", help="folder that media paths are relative to (default: the table's folder)")
+
+
+def run_validate(args: Any) -> int:
+    ds = load_samples(args.data, modality=args.modality, media_root=args.media_root)
+    summary = {"rows": len(ds), "modality": modality_of(ds), "columns": ds.column_names}
+    if "label" in ds.column_names:
+        summary["members"] = int(sum(ds["label"]))
+        summary["non_members"] = len(ds) - summary["members"]
+    names = ds["ds_name"]
+    summary["ds_name"] = {n: names.count(n) for n in sorted(set(names))}
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0

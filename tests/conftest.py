@@ -1,0 +1,46 @@
+"""Shared fixtures: an isolated cache per test session and tiny models built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Stage caches and datasets caches go to a temporary folder, never the user's home."""
+    root = tmp_path_factory.mktemp("caches")
+    os.environ["FIMMIA_HF_CACHE"] = str(root / "fimmia_hf")
+    import datasets
+
+    datasets.config.HF_DATASETS_CACHE = root / "datasets"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    """`tiny_model(kind)` -> path of a tiny model folder, built once per session and kind."""
+    from fimmia_hf.testing import build_tiny
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return lambda kind, seed=0: build_tiny(kind, root / f"{kind}-{seed}", seed=seed)
+
+
+@pytest.fixture(scope="session")
+def synthetic_table(tmp_path_factory: pytest.TempPathFactory):
+    """`synthetic_table(modality, n)` -> CSV path of synthetic samples with media beside it."""
+    from fimmia_hf.testing import make_synthetic_samples
+
+    root = tmp_path_factory.mktemp("synthetic")
+    cache: dict[tuple, str] = {}
+
+    def make(modality: str, n: int = 8, seed: int = 0) -> str:
+        key = (modality, n, seed)
+        if key not in cache:
+            cache[key] = make_synthetic_samples(root / f"{modality}-{n}-{seed}", modality=modality, n=n, seed=seed)
+        return cache[key]
+
+    return make

@@ -1,0 +1,184 @@
+"""load_samples: formats, ids, media resolution, one clear error per bad-input rule; split_samples."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fimmia_hf import SampleError, load_samples, split_samples
+from fimmia_hf.cli import main as cli_main
+
+
+def _image(path: Path, color: str = "red") -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), color).save(path)
+    return path.name if path.parent.name != "media" else f"media/{path.name}"
+
+
+def _rows(n: int = 4, **extra) -> list[dict]:
+    rows = [{"input": f"Вопрос {i}?\nA. да\nB. нет\nОТВЕТ:", "answer": str(i % 2), "ds_name": "ru_qa"} for i in range(n)]
+    for row in rows:
+        row.update(extra)
+    return rows
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet", "json", "jsonl", "disk"])
+def test_every_format_loads_the_same_rows(tmp_path: Path, fmt: str) -> None:
+    frame = pd.DataFrame(_rows(label=1))
+    path = tmp_path / f"table.{fmt}"
+    if fmt in ("csv", "tsv"):
+        frame.to_csv(path, sep="," if fmt == "csv" else "\t", index=False)
+    elif fmt == "parquet":
+        frame.to_parquet(path)
+    elif fmt == "json":
+        frame.to_json(path, orient="records", force_ascii=False)
+    elif fmt == "jsonl":
+        frame.to_json(path, orient="records", lines=True, force_ascii=False)
+    else:
+        datasets.Dataset.from_pandas(frame).save_to_disk(str(path))
+    ds = load_samples(path)
+    assert ds["input"] == frame["input"].tolist()  # newlines and Cyrillic intact
+    assert ds["answer"] == ["0", "1", "0", "1"]
+    assert ds["label"] == [1, 1, 1, 1]
+    assert ds.column_names[:4] == ["sample_id", "input", "answer", "ds_name"]
+
+
+def test_numeric_answers_stay_strings(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_text('input,answer\n"q1","1"\n"q2","007"\n"q3","1.50"\n')
+    assert load_samples(tmp_path / "t.csv")["answer"] == ["1", "007", "1.50"]
+    (tmp_path / "t.jsonl").write_text('{"input": "q1", "answer": 1}\n{"input": "q2", "answer": "2"}\n')
+    assert load_samples(tmp_path / "t.jsonl")["answer"] == ["1", "2"]
+
+
+def test_sample_id_is_a_stable_content_hash_and_ds_name_defaults_to_stem(tmp_path: Path) -> None:
+    pd.DataFrame([{"input": "q", "answer": "a"}, {"input": "q2", "answer": "a"}]).to_csv(tmp_path / "mera_rutie.csv", index=False)
+    first = load_samples(tmp_path / "mera_rutie.csv")
+    again = load_samples(pd.read_csv(tmp_path / "mera_rutie.csv", dtype=str), ds_name="mera_rutie")
+    assert first["ds_name"] == ["mera_rutie", "mera_rutie"]
+    assert first["sample_id"] == again["sample_id"]
+    assert len(set(first["sample_id"])) == 2
+    given = load_samples(pd.DataFrame([{"input": "q", "answer": "a", "sample_id": "s-1"}]))
+    assert given["sample_id"] == ["s-1"]
+
+
+def test_media_paths_resolve_relative_to_the_table_or_media_root(tmp_path: Path) -> None:
+    ref = _image(tmp_path / "media" / "a.png")
+    pd.DataFrame(_rows(1, image=ref)).to_csv(tmp_path / "t.csv", index=False)
+    ds = load_samples(tmp_path / "t.csv")
+    assert ds["image"] == [str((tmp_path / "media" / "a.png").resolve())]
+
+    elsewhere = tmp_path / "tables"
+    elsewhere.mkdir()
+    pd.DataFrame(_rows(1, image=ref)).to_csv(elsewhere / "t.csv", index=False)
+    moved = load_samples(elsewhere / "t.csv", media_root=tmp_path)
+    assert moved["image"] == ds["image"]
+    assert moved["sample_id"] == ds["sample_id"]  # ids use the path as written, not where the table lives
+
+
+def test_decoded_hf_image_column_is_accepted() -> None:
+    ds = datasets.Dataset.from_dict(
+        {"input": ["what shape? <image>"], "answer": ["A"], "image": [Image.new("RGB", (8, 8), "blue")]}
+    ).cast_column("image", datasets.Image())
+    out = load_samples(ds, ds_name="hf")
+    assert out[0]["image"].size == (8, 8)
+    assert out["ds_name"] == ["hf"]
+
+
+# --- one test per validation rule: one clear error naming file, row(s) and column --------------
+
+
+def _write(tmp_path: Path, rows: list[dict]) -> Path:
+    path = tmp_path / "bad.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def _assert_error(path: Path, *fragments: str, **kwargs) -> None:
+    before = _digest(path)
+    with pytest.raises(SampleError) as err:
+        load_samples(path, **kwargs)
+    message = str(err.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert _digest(path) == before  # the user's file is never modified
+
+
+def test_missing_required_column(tmp_path: Path) -> None:
+    _assert_error(_write(tmp_path, [{"input": "q"}]), "missing required column", "'answer'")
+
+
+def test_empty_input(tmp_path: Path) -> None:
+    _assert_error(_write(tmp_path, [{"input": "q", "answer": "a"}, {"input": "  ", "answer": "b"}]), "'input'", "row 2")
+
+
+def test_label_outside_0_1(tmp_path: Path) -> None:
+    rows = [{"input": f"q{i}", "answer": "a", "label": label} for i, label in enumerate([0, 1, 2, "yes"])]
+    _assert_error(_write(tmp_path, rows), "'label'", "row 3", "row 4", "2 row(s)")
+
+
+def test_more_than_one_media_column(tmp_path: Path) -> None:
+    _assert_error(_write(tmp_path, [{"input": "q", "answer": "a", "image": "x.png", "audio": "y.wav"}]), "more than one media column", "image", "audio")
+
+
+def test_missing_and_undecodable_media_are_all_listed(tmp_path: Path) -> None:
+    good = _image(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    rows = [{"input": f"q{i}", "answer": "a", "image": ref} for i, ref in enumerate([good, "gone.png", "broken.png", *[f"m{j}.png" for j in range(25)]])]
+    path = _write(tmp_path, rows)
+    _assert_error(path, "'image'", "row 2", "not found", "row 3", "cannot decode", "27 row(s)", "and 7 more")
+
+
+def test_duplicate_sample_id(tmp_path: Path) -> None:
+    rows = [{"input": "q1", "answer": "a", "sample_id": "x"}, {"input": "q2", "answer": "b", "sample_id": "y"}, {"input": "q3", "answer": "c", "sample_id": "x"}]
+    _assert_error(_write(tmp_path, rows), "'sample_id'", "row 3", "repeats row 1")
+
+
+def test_modality_mismatch_and_unknown_format(tmp_path: Path) -> None:
+    _assert_error(_write(tmp_path, [{"input": "q", "answer": "a"}]), "modality 'audio' needs", modality="audio")
+    (tmp_path / "t.xlsx").write_text("x")
+    with pytest.raises(SampleError, match="unsupported format"):
+        load_samples(tmp_path / "t.xlsx")
+
+
+# --- split ------------------------------------------------------------------------------------
+
+
+def test_split_is_stratified_and_keeps_paired_rows_together() -> None:
+    rows = []
+    for i in range(40):
+        for label in (0, 1):  # paired protocol: each sample scored by base (0) and fine-tuned (1)
+            rows.append({"sample_id": f"s{i}", "input": f"q{i}", "answer": "a", "label": label, "ds_name": "ab"[i % 2]})
+    ds = datasets.Dataset.from_list(rows)
+    train, test = split_samples(ds, test_size=0.25, seed=3)
+    assert not set(train["sample_id"]) & set(test["sample_id"])
+    assert len(set(test["sample_id"])) == 10 and len(test) == 20
+    assert sorted(set(test["ds_name"])) == ["a", "b"]
+    again = split_samples(ds, test_size=0.25, seed=3)[1]
+    assert again["sample_id"] == test["sample_id"]
+
+
+def test_split_stratifies_member_labels() -> None:
+    ds = datasets.Dataset.from_dict({"sample_id": [str(i) for i in range(100)], "label": [int(i < 20) for i in range(100)]})
+    _, test = split_samples(ds, test_size=0.5)
+    assert sum(test["label"]) == 10
+
+
+def test_cli_validate_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _write(tmp_path, _rows(4, label=1))
+    assert cli_main(["validate", str(path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == 4 and summary["members"] == 4 and summary["modality"] == "text"
+    bad = _write(tmp_path, [{"input": "", "answer": "a"}])
+    assert cli_main(["validate", str(bad)]) == 2
+    assert "empty input" in capsys.readouterr().err
