@@ -15,6 +15,16 @@ import sys
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("data", "check a sample table (columns, labels, media) and print a summary"),
+    "finetune": ("finetune", "SFT-LoRA fine-tune a target on member samples (controlled members)"),
+    "neighbors": ("neighbors", "generate K perturbed neighbours of each sample's text (and media)"),
+    "embed": ("embeddings", "embed each sample and its neighbours (text and media)"),
+    "score": ("scoring", "score samples and their neighbours with a target model (losses, per-token statistics)"),
+    "train": ("training", "train a FiMMIA detector on scored samples"),
+    "predict": ("training", "score samples with a trained detector; write predictions and metrics"),
+    "evaluate": ("report", "one report: detector, classic attacks and blind baselines on a test split"),
+    "shift": ("shift", "blind (model-free) baselines: is the member/non-member split shifted?"),
+    "push": ("hub", "push a detector (with its model card) to the Hugging Face Hub"),
+    "bench": ("bench", "benchmarks: each stage vs its naive loop, end-to-end throughput, memory"),
 }
 
 
@@ -39,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     module = importlib.import_module(f"fimmia_hf.{COMMANDS[args.command][0]}")
     try:
-        return getattr(module, f"run_{args.command}")(args) or 0
+        result = getattr(module, f"run_{args.command}")(args)
+        return result if isinstance(result, int) else 0
     except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
         print(f"fimmia-hf {args.command}: error: {err}", file=sys.stderr)
         return 2
