@@ -11,6 +11,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _one_thread() -> None:
+    """Tiny models run faster on one thread than fighting over two busy cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Stage caches and datasets caches go to a temporary folder, never the user's home."""
     root = tmp_path_factory.mktemp("caches")
