@@ -1,0 +1,115 @@
+"""Configuration of the FiMMIA membership-inference detector.
+
+Self-contained on purpose (imports only `transformers`): this file is copied next to saved detectors and
+doubles as Hub remote code.
+
+Everything a model card or the `membership-inference` pipeline needs later lives here: the component model
+ids (target, neighbour generator, embedders), the number of neighbours, the protocol, the decision threshold
+and the loss-normalisation statistics (a true standard deviation, unlike the original's variance).
+"""
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+HEADS = ("fimmia", "loss_only", "embedding_only")
+LOSS_NORMS = ("none", "std", "minmax", "periodic")
+PROTOCOLS = ("paired", "member")
+
+
+class FiMMIAConfig(PreTrainedConfig):
+    """Configuration of :class:`FiMMIAForMembershipInference`.
+
+    Architecture
+        head: ``"fimmia"`` (loss branch + text-embedding branch [+ media branch]), ``"loss_only"`` or
+            ``"embedding_only"`` (model-free blind control: embedding deltas only).
+        embedding_dim / media_embedding_dim: sizes of the text / media embedding deltas (0 = no media branch).
+        projection_dim: width of every branch output (512 in the original).
+        hidden_sizes: widths of the attack MLP after the concatenated branches (512, 256, 128, 64, 32) → 2.
+        dropout: dropout after every hidden layer (0.2 in the original).
+        loss_norm: ``none`` | ``std`` (``(ΔL − loss_mean) / loss_std``) | ``minmax``
+            (``(ΔL − loss_min) / (loss_max − loss_min)``) | ``periodic`` (learned Fourier features of ΔL).
+        periodic_sigma: initial std of the periodic frequencies.
+    Provenance (model card / pipeline)
+        num_neighbors, modality, protocol (``paired`` base-vs-fine-tuned or ``member`` member/non-member;
+        None = unknown, set by training from the data), target_model, neighbor_model, embedding_model,
+        media_embedding_model, threshold (score > threshold ⇒ "member"), card_data (filled by training).
+    """
+
+    model_type = "fimmia"
+
+    head: str = "fimmia"
+    embedding_dim: int = 4096
+    media_embedding_dim: int = 0
+    projection_dim: int = 512
+    hidden_sizes: list[int] | tuple[int, ...] = (512, 256, 128, 64, 32)
+    dropout: float = 0.2
+    loss_norm: str = "std"
+    loss_mean: float = 0.0
+    loss_std: float = 1.0
+    loss_min: float = 0.0
+    loss_max: float = 1.0
+    periodic_sigma: float = 10.0
+    num_neighbors: int | None = None
+    modality: str | None = None
+    protocol: str | None = None
+    target_model: str | None = None
+    neighbor_model: str | None = None
+    embedding_model: str | None = None
+    media_embedding_model: str | None = None
+    threshold: float = 0.5
+    card_data: dict[str, Any] | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self.hidden_sizes = [int(h) for h in self.hidden_sizes]
+        if self.id2label is None:
+            self.id2label = {0: "non-member", 1: "member"}
+            self.label2id = {"non-member": 0, "member": 1}
+        kwargs.setdefault("num_labels", 2)
+        super().__post_init__(**kwargs)
+        self._check()
+
+    def _check(self) -> None:
+        """Fail at construction rather than in the middle of a forward pass."""
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.loss_norm not in LOSS_NORMS:
+            raise ValueError(f"loss_norm must be one of {LOSS_NORMS}, got {self.loss_norm!r}")
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.embedding_dim < 1 or self.media_embedding_dim < 0:
+            raise ValueError("embedding_dim must be >= 1 and media_embedding_dim >= 0")
+        if self.loss_norm == "std" and not self.loss_std > 0:
+            raise ValueError(f"loss_std must be > 0 for loss_norm='std', got {self.loss_std}")
+        if self.loss_norm == "minmax" and not self.loss_max > self.loss_min:
+            raise ValueError(f"loss_max ({self.loss_max}) must exceed loss_min ({self.loss_min}) for 'minmax'")
+        if self.loss_norm == "periodic" and self.projection_dim % 2:
+            raise ValueError("projection_dim must be even for loss_norm='periodic' (cos and sin halves)")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+
+    def set_normalization(self, stats: dict[str, float]) -> None:
+        """Store statistics from :func:`fimmia_hf.features.fit_normalization` (keys ``loss_mean``, ``loss_std``,
+        ``loss_min``, ``loss_max``); unknown keys are rejected so a typo cannot silently keep the defaults."""
+        allowed = {"loss_mean", "loss_std", "loss_min", "loss_max"}
+        unknown = set(stats) - allowed
+        if unknown:
+            raise ValueError(f"unknown normalisation statistics {sorted(unknown)}; expected {sorted(allowed)}")
+        for key, value in stats.items():
+            setattr(self, key, float(value))
+        self._check()
+
+    @property
+    def uses_loss(self) -> bool:
+        return self.head in ("fimmia", "loss_only")
+
+    @property
+    def uses_embeddings(self) -> bool:
+        return self.head in ("fimmia", "embedding_only")
+
+    @property
+    def uses_media(self) -> bool:
+        return self.uses_embeddings and self.media_embedding_dim > 0
+
+
+__all__ = ["FiMMIAConfig"]

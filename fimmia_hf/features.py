@@ -1,0 +1,371 @@
+"""Delta features of the FiMMIA detector, normalisation statistics and the two training protocols.
+
+From a scored dataset (one row per sample: `loss`, `neighbor_losses`, `embedding`, `neighbor_embeddings`,
+optionally `media_embedding`, `neighbor_media_embeddings`) each neighbour k gets
+``ΔL_k = L'_k − L``, ``Δe_k = e'_k − e`` and ``Δm_k = m'_k − m`` (neighbour minus original, everywhere).
+A neighbour whose loss or embedding is missing (None/NaN) is masked instead of dropped, so neighbour k
+stays neighbour k; samples may have different K (the collator pads and masks).
+
+Nothing is joined by position: the paired protocol matches base and fine-tuned scores by `sample_id`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+LOSS_COLUMNS = ("loss", "neighbor_losses")
+EMBEDDING_COLUMNS = ("embedding", "neighbor_embeddings")
+MEDIA_COLUMNS = ("media_embedding", "neighbor_media_embeddings")
+FEATURE_COLUMNS = ("loss_delta", "embedding_delta", "media_delta", "neighbor_mask")
+
+
+def _row_name(row: Mapping[str, Any]) -> str:
+    sid = row.get("sample_id")
+    return f"sample_id={sid!r}" if sid is not None else "row without sample_id"
+
+
+def _scalar(value: Any) -> float:
+    if value is None:
+        return math.nan
+    return float(np.asarray(value, dtype=np.float64).reshape(()))
+
+
+def _vector(value: Any, dtype: Any = np.float32) -> np.ndarray:
+    """1-D float array; None entries become NaN (a missing neighbour)."""
+    try:
+        return np.asarray(value, dtype=dtype).reshape(-1)
+    except (TypeError, ValueError):
+        return np.array([math.nan if v is None else v for v in value], dtype=dtype)
+
+
+def _matrix(value: Any, dim: int | None, what: str, row: Mapping[str, Any]) -> np.ndarray:
+    """[K, D] float32 array from a list of vectors; a None vector becomes a NaN row."""
+    if isinstance(value, np.ndarray) and value.dtype != object and value.ndim == 2:
+        out = value.astype(np.float32, copy=False)
+    else:
+        items = list(value)
+        if dim is None:
+            dim = next((len(v) for v in items if v is not None), 0)
+        out = np.full((len(items), dim), np.nan, dtype=np.float32)
+        for k, v in enumerate(items):
+            if v is None:
+                continue
+            v = np.asarray(v, dtype=np.float32).reshape(-1)
+            if v.shape[0] != dim:
+                raise ValueError(f"{_row_name(row)}: {what}[{k}] has dimension {v.shape[0]}, expected {dim}")
+            out[k] = v
+    if dim is not None and out.shape[1] != dim and out.shape[0] > 0:
+        raise ValueError(f"{_row_name(row)}: {what} have dimension {out.shape[1]}, expected {dim}")
+    return out
+
+
+def _delta_block(
+    row: Mapping[str, Any], original_col: str, neighbors_col: str, dim: int | None, k: int | None
+) -> np.ndarray:
+    if row.get(original_col) is None or row.get(neighbors_col) is None:
+        raise ValueError(f"{_row_name(row)}: column {original_col!r} or {neighbors_col!r} is missing or null")
+    original = _vector(row[original_col])
+    if dim is not None and original.shape[0] != dim:
+        raise ValueError(f"{_row_name(row)}: {original_col} has dimension {original.shape[0]}, expected {dim}")
+    neighbors = _matrix(row[neighbors_col], original.shape[0], neighbors_col, row)
+    if k is not None and neighbors.shape[0] != k:
+        raise ValueError(
+            f"{_row_name(row)}: {neighbors_col} has {neighbors.shape[0]} neighbours but neighbor_losses has {k}; "
+            "they must describe the same neighbours in the same order"
+        )
+    return neighbors - original[None, :]
+
+
+def sample_features(
+    row: Mapping[str, Any],
+    *,
+    use_loss: bool = True,
+    use_embeddings: bool = True,
+    use_media: bool = False,
+    embedding_dim: int | None = None,
+    media_embedding_dim: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Features of one sample: ``loss_delta [K]``, ``embedding_delta [K, D]``, ``media_delta [K, Dm]``,
+    ``neighbor_mask [K]`` (bool). Rows that already hold the feature columns are passed through, so the
+    collator accepts both scored rows and the output of :func:`build_features`."""
+    if "neighbor_mask" in row and row["neighbor_mask"] is not None:
+        mask = _vector(row["neighbor_mask"]).astype(bool)
+        out: dict[str, np.ndarray] = {}
+        if use_loss:
+            out["loss_delta"] = _vector(row["loss_delta"])
+        if use_embeddings:
+            out["embedding_delta"] = _matrix(row["embedding_delta"], embedding_dim, "embedding_delta", row)
+        if use_media:
+            out["media_delta"] = _matrix(row["media_delta"], media_embedding_dim, "media_delta", row)
+        k = len(mask)
+        for name, value in out.items():
+            if value.shape[0] != k:
+                raise ValueError(f"{_row_name(row)}: {name} has {value.shape[0]} neighbours, neighbor_mask has {k}")
+            mask &= np.isfinite(value.reshape(k, -1)).all(-1)
+        for value in out.values():
+            value[~mask] = 0.0
+        out["neighbor_mask"] = mask
+        return out
+
+    out = {}
+    k: int | None = None
+    valid: np.ndarray | None = None
+    if use_loss:
+        for col in LOSS_COLUMNS:
+            if col not in row:
+                raise ValueError(f"{_row_name(row)}: column {col!r} is missing (score the samples first)")
+        if row["neighbor_losses"] is None:
+            raise ValueError(f"{_row_name(row)}: neighbor_losses is null")
+        losses = _vector(row["neighbor_losses"], np.float64)  # subtract in float64: ΔL is small next to L
+        k = losses.shape[0]
+        out["loss_delta"] = (losses - _scalar(row["loss"])).astype(np.float32)
+        valid = np.isfinite(out["loss_delta"])
+    for use, (orig, nbrs), dim, name in (
+        (use_embeddings, EMBEDDING_COLUMNS, embedding_dim, "embedding_delta"),
+        (use_media, MEDIA_COLUMNS, media_embedding_dim, "media_delta"),
+    ):
+        if not use:
+            continue
+        delta = _delta_block(row, orig, nbrs, dim, k)
+        k = delta.shape[0]
+        finite = np.isfinite(delta).all(-1)
+        valid = finite if valid is None else valid & finite
+        out[name] = delta
+    if valid is None:
+        raise ValueError("sample_features needs at least one of use_loss / use_embeddings")
+    for value in out.values():
+        value[~valid] = 0.0  # masked slots hold zeros, never NaN
+    out["neighbor_mask"] = valid
+    return out
+
+
+def _feature_flags(ds_columns: Sequence[str]) -> dict[str, bool]:
+    return {
+        "use_loss": all(c in ds_columns for c in LOSS_COLUMNS),
+        "use_embeddings": all(c in ds_columns for c in EMBEDDING_COLUMNS),
+        "use_media": all(c in ds_columns for c in MEDIA_COLUMNS),
+    }
+
+
+def build_features(ds: Any, *, remove_inputs: bool = False, **map_kwargs: Any) -> Any:
+    """Add ``loss_delta``, ``embedding_delta``, ``media_delta`` (when media embeddings of neighbours exist) and
+    ``neighbor_mask`` to a scored `datasets.Dataset` (a cached `map`). ``remove_inputs`` drops the raw
+    loss/embedding columns afterwards (the features are then self-sufficient)."""
+    import datasets
+
+    flags = _feature_flags(ds.column_names)
+    if not (flags["use_loss"] or flags["use_embeddings"]):
+        raise ValueError(
+            f"dataset has neither {LOSS_COLUMNS} nor {EMBEDDING_COLUMNS}; columns are {ds.column_names}"
+        )
+
+    def fn(batch: dict[str, list]) -> dict[str, list]:
+        n = len(next(iter(batch.values())))
+        rows = ({key: values[i] for key, values in batch.items()} for i in range(n))
+        feats = [sample_features(r, **flags) for r in rows]
+        return {name: [f[name].tolist() for f in feats] for name in feats[0]} if feats else {}
+
+    features = ds.features.copy()
+    if flags["use_loss"]:
+        features["loss_delta"] = datasets.List(datasets.Value("float32"))
+    for flag, name in (("use_embeddings", "embedding_delta"), ("use_media", "media_delta")):
+        if flags[flag]:
+            features[name] = datasets.List(datasets.List(datasets.Value("float32")))
+    features["neighbor_mask"] = datasets.List(datasets.Value("bool"))
+    remove = [c for c in (*LOSS_COLUMNS, *EMBEDDING_COLUMNS, *MEDIA_COLUMNS) if c in ds.column_names]
+    if remove_inputs:
+        for col in remove:
+            del features[col]
+    map_kwargs.setdefault("desc", "delta features")
+    return ds.map(
+        fn, batched=True, batch_size=map_kwargs.pop("batch_size", 64), features=features,
+        remove_columns=remove if remove_inputs else None, **map_kwargs,
+    )
+
+
+def fit_normalization(train: Any, *, batch_size: int = 1024) -> dict[str, float]:
+    """ΔL statistics of the **training split only**: ``loss_mean``, ``loss_std`` (a true, population standard
+    deviation), ``loss_min``, ``loss_max``. Store them with ``FiMMIAConfig.set_normalization``. A degenerate
+    spread (all ΔL equal) falls back to 1 so normalising stays finite."""
+    cols = ["loss_delta", "neighbor_mask"] if "loss_delta" in train.column_names else list(LOSS_COLUMNS)
+    for col in cols:
+        if col not in train.column_names:
+            raise ValueError(f"fit_normalization needs columns {cols}; dataset has {train.column_names}")
+    count, total, total_sq = 0, 0.0, 0.0
+    low, high = math.inf, -math.inf
+    sub = train.select_columns(cols)
+    for batch in sub.iter(batch_size=batch_size):
+        n = len(batch[cols[0]])
+        parts = []
+        for i in range(n):
+            if cols[0] == "loss_delta":
+                d = _vector(batch["loss_delta"][i])
+                d = d[_vector(batch["neighbor_mask"][i]).astype(bool)]
+            else:
+                d = _vector(batch["neighbor_losses"][i], np.float64) - _scalar(batch["loss"][i])
+            parts.append(np.asarray(d, dtype=np.float64))
+        values = np.concatenate(parts) if parts else np.zeros(0)
+        values = values[np.isfinite(values)]
+        if values.size:
+            count += values.size
+            total += float(values.sum())
+            total_sq += float(np.square(values).sum())
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+    if count == 0:
+        raise ValueError("no finite loss deltas in the training data: cannot fit normalisation statistics")
+    mean = total / count
+    std = math.sqrt(max(total_sq / count - mean * mean, 0.0))
+    return {
+        "loss_mean": mean,
+        "loss_std": std if std > 1e-12 else 1.0,
+        "loss_min": low,
+        "loss_max": high if high > low else low + 1.0,
+    }
+
+
+def _check_ids(ds: Any, name: str) -> list[str]:
+    if "sample_id" not in ds.column_names:
+        raise ValueError(f"{name} has no 'sample_id' column; rows are joined by sample_id, never by position")
+    ids = [str(s) for s in ds["sample_id"]]
+    seen: set[str] = set()
+    dups = [s for s in ids if s in seen or seen.add(s)]
+    if dups:
+        raise ValueError(f"{name} has duplicate sample_id values, e.g. {dups[:3]}")
+    return ids
+
+
+def paired_dataset(base_ds: Any, finetuned_ds: Any) -> Any:
+    """The original's protocol: the same samples scored by a base model (label 0) and by a model fine-tuned on
+    them (label 1). Rows are matched by `sample_id`; columns the fine-tuned table lacks (embeddings, text,
+    media) are taken from the base row of the same sample. Returns both halves concatenated with ``label``
+    and ``model_role`` ("base" / "finetuned"); split it by sample (`fimmia_hf.data.split_samples`) so the two
+    rows of a sample stay on one side."""
+    import datasets
+
+    base_ids = _check_ids(base_ds, "base dataset")
+    ft_ids = _check_ids(finetuned_ds, "fine-tuned dataset")
+    for name, ds in (("base dataset", base_ds), ("fine-tuned dataset", finetuned_ds)):
+        missing = [c for c in LOSS_COLUMNS if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"{name} lacks {missing}: score it with the target model first")
+    only_base = sorted(set(base_ids) - set(ft_ids))
+    only_ft = sorted(set(ft_ids) - set(base_ids))
+    if only_base or only_ft:
+        raise ValueError(
+            f"base and fine-tuned datasets hold different samples: {len(only_base)} only in base "
+            f"(e.g. {only_base[:3]}), {len(only_ft)} only in fine-tuned (e.g. {only_ft[:3]})"
+        )
+    position = {sid: i for i, sid in enumerate(ft_ids)}
+    ft = finetuned_ds.select([position[sid] for sid in base_ids]).flatten_indices()
+
+    ft_k = [len(v) if v is not None else 0 for v in ft["neighbor_losses"]]
+    base_k = [len(v) if v is not None else 0 for v in base_ds["neighbor_losses"]]
+    bad = [base_ids[i] for i, (a, b) in enumerate(zip(base_k, ft_k)) if a != b]
+    if bad:
+        raise ValueError(f"base and fine-tuned scores have different neighbour counts for sample_id {bad[:3]}")
+    if "neighbors" in base_ds.column_names and "neighbors" in ft.column_names:
+        diff = [base_ids[i] for i, (a, b) in enumerate(zip(base_ds["neighbors"], ft["neighbors"])) if a != b]
+        if diff:
+            raise ValueError(f"base and fine-tuned rows list different neighbour texts for sample_id {diff[:3]}")
+
+    base_cols = [c for c in base_ds.column_names if c not in ("label", "model_role")]
+    own = [c for c in base_cols if c in ft.column_names]
+    borrowed = [c for c in base_cols if c not in ft.column_names]
+    ft = ft.select_columns(own)
+    if borrowed:
+        ft = datasets.concatenate_datasets([ft, base_ds.select_columns(borrowed).flatten_indices()], axis=1)
+    ft = ft.select_columns(base_cols)
+    base = base_ds.select_columns(base_cols)
+    ft = ft.cast(base.features) if ft.features != base.features else ft
+
+    def tag(ds: Any, label: int, role: str) -> Any:
+        ds = ds.add_column("label", [label] * len(ds)).add_column("model_role", [role] * len(ds))
+        return ds.cast_column("label", datasets.Value("int64"))
+
+    return datasets.concatenate_datasets([tag(base, 0, "base"), tag(ft, 1, "finetuned")])
+
+
+def membership_dataset(ds: Any) -> Any:
+    """The member / non-member protocol: one target model, ``label`` = 1 when the sample was in its training
+    data. Checks that every row has a 0/1 label and returns the dataset with an int64 ``label``."""
+    import datasets
+
+    if "label" not in ds.column_names:
+        raise ValueError("member/non-member data needs a 'label' column (1 = member, 0 = non-member)")
+    bad = [i for i, v in enumerate(ds["label"]) if v not in (0, 1, True, False)]
+    if bad:
+        raise ValueError(f"column 'label' must be 0 or 1; row {bad[0]} holds {ds[bad[0]]['label']!r}")
+    return ds.cast_column("label", datasets.Value("int64"))
+
+
+class FiMMIADataCollator:
+    """Turns rows (scored or with feature columns) into padded tensors for
+    :class:`~fimmia_hf.modeling_fimmia.FiMMIAForMembershipInference`: ``loss_delta [B, K]``,
+    ``embedding_delta [B, K, D]``, ``media_delta [B, K, Dm]``, ``neighbor_mask [B, K]`` and ``labels [B]``
+    (when every row has a label). K is the largest neighbour count in the batch; padding is masked."""
+
+    def __init__(
+        self,
+        *,
+        use_loss: bool = True,
+        use_embeddings: bool = True,
+        use_media: bool = False,
+        embedding_dim: int | None = None,
+        media_embedding_dim: int | None = None,
+    ) -> None:
+        self.kwargs = dict(
+            use_loss=use_loss, use_embeddings=use_embeddings, use_media=use_media,
+            embedding_dim=embedding_dim, media_embedding_dim=media_embedding_dim,
+        )
+
+    @classmethod
+    def from_config(cls, config: Any) -> FiMMIADataCollator:
+        """The inputs a detector config needs (the blind ``embedding_only`` head needs no losses)."""
+        return cls(
+            use_loss=config.uses_loss, use_embeddings=config.uses_embeddings, use_media=config.uses_media,
+            embedding_dim=config.embedding_dim if config.uses_embeddings else None,
+            media_embedding_dim=config.media_embedding_dim if config.uses_media else None,
+        )
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        feats = [sample_features(r, **self.kwargs) for r in rows]
+        batch, k = len(feats), max((len(f["neighbor_mask"]) for f in feats), default=0)
+        out: dict[str, Any] = {}
+        mask = np.zeros((batch, k), dtype=bool)
+        for i, f in enumerate(feats):
+            mask[i, : len(f["neighbor_mask"])] = f["neighbor_mask"]
+        out["neighbor_mask"] = torch.from_numpy(mask)
+        if self.kwargs["use_loss"]:
+            loss = np.zeros((batch, k), dtype=np.float32)
+            for i, f in enumerate(feats):
+                loss[i, : len(f["loss_delta"])] = f["loss_delta"]
+            out["loss_delta"] = torch.from_numpy(loss)
+        for name in ("embedding_delta", "media_delta"):
+            if name not in feats[0]:
+                continue
+            dim = max(f[name].shape[1] for f in feats)
+            arr = np.zeros((batch, k, dim), dtype=np.float32)
+            for i, f in enumerate(feats):
+                arr[i, : f[name].shape[0]] = f[name]
+            out[name] = torch.from_numpy(arr)
+        labels = [r.get("label") for r in rows]
+        if all(lab is not None for lab in labels):
+            out["labels"] = torch.tensor([int(lab) for lab in labels], dtype=torch.long)
+        return out
+
+
+__all__ = [
+    "FEATURE_COLUMNS",
+    "FiMMIADataCollator",
+    "build_features",
+    "fit_normalization",
+    "membership_dataset",
+    "paired_dataset",
+    "sample_features",
+]

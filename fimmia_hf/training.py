@@ -1,0 +1,575 @@
+"""Train the FiMMIA detector with `transformers.Trainer` and score datasets with it.
+
+`train_detector` takes scored datasets as the stages produce them (features are built in the collator, so
+nothing is duplicated on disk), fits the ΔL normalisation on the training split only, keeps the checkpoint
+with the best validation AUC, records what the model card needs in ``config.card_data`` and saves the
+model. It runs unchanged under ``accelerate launch`` (Trainer handles the processes).
+
+CLI entry points (wired into ``fimmia-hf train`` / ``fimmia-hf predict``): ``add_train_arguments`` +
+``run_train`` and ``add_predict_arguments`` + ``run_predict``; arguments come from the command line or a
+YAML file (``--config``), the command line winning, as in TRL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .configuration_fimmia import FiMMIAConfig
+from .features import (
+    EMBEDDING_COLUMNS,
+    FEATURE_COLUMNS,
+    LOSS_COLUMNS,
+    MEDIA_COLUMNS,
+    FiMMIADataCollator,
+    fit_normalization,
+    membership_dataset,
+    paired_dataset,
+)
+
+logger = logging.getLogger(__name__)
+
+CONFIG_METADATA = ("target_model", "neighbor_model", "embedding_model", "media_embedding_model", "modality")
+
+
+# --------------------------------------------------------------------------------------------- data loading
+def load_scored(source: Any) -> Any:
+    """A scored `datasets.Dataset` from a Dataset, a `save_to_disk` folder, or Parquet/JSON(L) file(s)."""
+    import datasets
+
+    if isinstance(source, datasets.Dataset):
+        return source
+    if isinstance(source, datasets.DatasetDict):
+        raise ValueError(f"got a DatasetDict with splits {list(source)}; pass one split, e.g. ds['train']")
+    if isinstance(source, (list, tuple)):
+        return datasets.concatenate_datasets([load_scored(s) for s in source])
+    path = Path(source)
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            raise ValueError(f"{path} holds a DatasetDict with splits {list(loaded)}; pass {path}/<split>")
+        return loaded
+    if not path.exists():
+        raise FileNotFoundError(f"no scored dataset at {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return datasets.Dataset.from_parquet(str(path))
+    if suffix in (".json", ".jsonl"):
+        return datasets.Dataset.from_json(str(path))
+    raise ValueError(f"{path}: expected a save_to_disk folder or a .parquet/.json/.jsonl file of scored samples")
+
+
+def _first_dim(ds: Any, column: str) -> int:
+    for value in ds.select_columns([column]).select(range(min(len(ds), 64)))[column]:
+        if value is not None:
+            return len(value)
+    raise ValueError(f"column {column!r} is null in the first rows; cannot tell the embedding dimension")
+
+
+def _neighbor_counts(ds: Any) -> list[int]:
+    """Neighbours per row, read as Arrow list lengths (no embedding is copied into Python)."""
+    import pyarrow.compute as pc
+
+    for col in ("neighbor_losses", "neighbor_embeddings", "neighbor_mask"):
+        if col in ds.column_names:
+            lengths = pc.list_value_length(ds.select_columns([col]).with_format("arrow")[col]).fill_null(0)
+            return lengths.to_pylist()
+    raise ValueError(f"no neighbour column in dataset (columns: {ds.column_names})")
+
+
+def _infer_config(train: Any, config: FiMMIAConfig | dict | None) -> FiMMIAConfig:
+    """Sizes from the data, the rest from ``config``; mismatches between the two are errors."""
+    cols = train.column_names
+    inferred: dict[str, Any] = {}
+    if all(c in cols for c in EMBEDDING_COLUMNS):
+        inferred["embedding_dim"] = _first_dim(train, "embedding")
+    elif "embedding_delta" in cols:
+        inferred["embedding_dim"] = len(next(r for r in train[0]["embedding_delta"] if r is not None))
+    if all(c in cols for c in MEDIA_COLUMNS):
+        inferred["media_embedding_dim"] = _first_dim(train, "media_embedding")
+    elif "media_delta" in cols:
+        inferred["media_embedding_dim"] = len(next(r for r in train[0]["media_delta"] if r is not None))
+    if "embedding_dim" not in inferred and not (
+        (isinstance(config, FiMMIAConfig) and config.head == "loss_only")
+        or (isinstance(config, dict) and config.get("head") == "loss_only")
+    ):
+        raise ValueError(f"training data has no text embeddings {EMBEDDING_COLUMNS}; columns are {cols}")
+    inferred["num_neighbors"] = max(_neighbor_counts(train))
+
+    inferred["protocol"] = "paired" if "model_role" in cols else "member"
+    if config is None:
+        return FiMMIAConfig(**inferred)
+    if isinstance(config, dict):
+        merged = {**inferred, **{k: v for k, v in config.items() if v is not None or k not in inferred}}
+        cfg = FiMMIAConfig(**merged)
+    elif isinstance(config, FiMMIAConfig):
+        cfg = FiMMIAConfig.from_dict(config.to_dict())
+        cfg.num_neighbors = inferred["num_neighbors"]
+        cfg.protocol = cfg.protocol or inferred["protocol"]
+    else:
+        raise TypeError(f"config must be a FiMMIAConfig, a dict or None, not {type(config).__name__}")
+    for key in ("embedding_dim", "media_embedding_dim"):
+        used = cfg.uses_embeddings if key == "embedding_dim" else cfg.uses_media
+        if used and key in inferred and getattr(cfg, key) != inferred[key]:
+            raise ValueError(f"config.{key}={getattr(cfg, key)} but the training data has {inferred[key]}")
+    if cfg.uses_media and "media_embedding_dim" not in inferred:
+        raise ValueError(
+            f"config asks for a media branch (media_embedding_dim={cfg.media_embedding_dim}) but the data has no "
+            f"{MEDIA_COLUMNS}; set media_embedding_dim=0 when the media is not perturbed"
+        )
+    if cfg.uses_loss and not (all(c in cols for c in LOSS_COLUMNS) or "loss_delta" in cols):
+        raise ValueError(f"head {cfg.head!r} needs target-model losses {LOSS_COLUMNS}; columns are {cols}")
+    return cfg
+
+
+def _data_summary(ds: Any) -> dict[str, Any]:
+    labels = np.asarray(ds["label"])
+    counts = _neighbor_counts(ds)
+    summary: dict[str, Any] = {
+        "n_rows": len(ds),
+        "n_members": int((labels == 1).sum()),
+        "n_nonmembers": int((labels == 0).sum()),
+        "neighbors_per_sample": {"min": int(min(counts)), "max": int(max(counts)), "mean": float(np.mean(counts))},
+    }
+    if "sample_id" in ds.column_names:
+        summary["n_samples"] = len(set(ds["sample_id"]))
+    if "ds_name" in ds.column_names:
+        names, n = np.unique(np.asarray(ds["ds_name"], dtype=str), return_counts=True)
+        summary["ds_names"] = {str(a): int(b) for a, b in zip(names, n)}
+    return summary
+
+
+# --------------------------------------------------------------------------------------------- Trainer parts
+def _scores_only(outputs: Any, labels: Any) -> Any:
+    """Keep only the per-sample scores for evaluation (the per-neighbour logits are not needed and their K
+    may differ between batches)."""
+    if isinstance(outputs, (tuple, list)):
+        return next(t for t in outputs if t.dim() == 1)
+    return outputs
+
+
+def _compute_metrics(eval_pred: Any) -> dict[str, float]:
+    from .metrics import membership_metrics
+
+    scores = np.asarray(eval_pred.predictions, dtype=np.float64).reshape(-1)
+    labels = np.asarray(eval_pred.label_ids).reshape(-1)
+    keep = np.isfinite(scores)
+    result = membership_metrics(labels[keep], scores[keep], n_bootstrap=0)
+    out = {k: v for k, v in result.items() if isinstance(v, float)}
+    out["accuracy"] = float(((scores[keep] > 0.5) == (labels[keep] == 1)).mean())
+    return out
+
+
+def _make_card_callback(summary: dict[str, Any]) -> Any:
+    from transformers import TrainerCallback
+
+    class ModelCardCallback(TrainerCallback):
+        """Records what a model card needs (data, K, component models, metrics) in ``config.card_data``, which
+        is saved with the model."""
+
+        def __init__(self) -> None:
+            self.card: dict[str, Any] = dict(summary)
+
+        def _write(self, model: Any) -> None:
+            if model is not None:
+                model.config.card_data = json.loads(json.dumps(self.card, default=float))
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+            self.card["training_args"] = {
+                k: getattr(args, k) for k in (
+                    "num_train_epochs", "learning_rate", "per_device_train_batch_size", "seed", "optim",
+                    "lr_scheduler_type", "weight_decay",
+                )
+            }
+            self.card["training_args"]["world_size"] = args.world_size
+            self._started = time.perf_counter()
+            self._write(model)
+
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):  # noqa: ANN001
+            if metrics:
+                skip = ("runtime", "samples_per_second", "steps_per_second")
+                self.card["eval_metrics"] = {
+                    k.removeprefix("eval_"): float(v) for k, v in metrics.items()
+                    if isinstance(v, (int, float)) and not k.endswith(skip)
+                }
+                self._write(model)
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+            self.card["train_runtime_s"] = round(time.perf_counter() - getattr(self, "_started", time.perf_counter()), 3)
+            self.card["global_step"] = state.global_step
+            self.card["epochs"] = state.epoch
+            if state.best_metric is not None:
+                self.card["best_eval_auc"] = float(state.best_metric)
+                self.card["best_checkpoint_step"] = (
+                    int(state.best_model_checkpoint.rsplit("-", 1)[-1]) if state.best_model_checkpoint else None
+                )
+            self._write(model)
+
+    return ModelCardCallback()
+
+
+def train_detector(
+    train: Any,
+    eval: Any | None = None,  # noqa: A002 - public contract name
+    *,
+    config: FiMMIAConfig | dict | None = None,
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    **training_args: Any,
+) -> Any:
+    """Train a :class:`FiMMIAForMembershipInference` on scored samples and save it to ``output_dir``.
+
+    ``train`` / ``eval``: scored datasets with a 0/1 ``label`` (from :func:`fimmia_hf.features.paired_dataset`
+    or member/non-member tables), or paths to them; split by sample beforehand. ``config``: a FiMMIAConfig or a
+    dict of its fields (sizes are inferred from the data). ``training_args`` override the defaults given to
+    `transformers.TrainingArguments` (10 epochs, AdamW lr 1e-3, 16 samples per device and step).
+    With ``eval``, the checkpoint with the best validation AUC is kept. Returns the trained model.
+    """
+    import transformers
+    from transformers import Trainer, TrainingArguments
+
+    from .modeling_fimmia import FiMMIAForMembershipInference
+
+    train = membership_dataset(load_scored(train))
+    eval_ds = membership_dataset(load_scored(eval)) if eval is not None else None
+    if eval_ds is not None:
+        eval_labels = set(eval_ds["label"])
+        if eval_labels != {0, 1}:
+            raise ValueError(f"eval data must contain members and non-members (labels found: {sorted(eval_labels)})")
+    if set(train["label"]) != {0, 1}:
+        raise ValueError("training data must contain members (label 1) and non-members (label 0)")
+    cfg = _infer_config(train, config)
+    if cfg.uses_loss and cfg.loss_norm in ("std", "minmax"):
+        cfg.set_normalization(fit_normalization(train))
+    summary = {
+        "protocol": cfg.protocol,
+        "head": cfg.head,
+        "num_neighbors": cfg.num_neighbors,
+        "train_data": _data_summary(train),
+        "eval_data": _data_summary(eval_ds) if eval_ds is not None else None,
+        "components": {k: getattr(cfg, k) for k in CONFIG_METADATA},
+        "normalization": {k: getattr(cfg, k) for k in ("loss_norm", "loss_mean", "loss_std", "loss_min", "loss_max")},
+    }
+
+    transformers.set_seed(seed)
+    model = FiMMIAForMembershipInference(cfg)
+    has_eval = eval_ds is not None
+    args_dict: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        num_train_epochs=10,
+        learning_rate=1e-3,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=64,
+        lr_scheduler_type="linear",
+        weight_decay=0.0,
+        logging_steps=10,
+        eval_strategy="epoch" if has_eval else "no",
+        save_strategy="epoch" if has_eval else "no",
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="auc" if has_eval else None,
+        greater_is_better=True,
+        save_total_limit=1,
+        save_only_model=True,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+    )
+    args_dict.update(training_args)
+    if args_dict.get("remove_unused_columns"):
+        logger.warning("remove_unused_columns=True would strip the feature columns; forcing False")
+    args_dict["remove_unused_columns"] = False
+    args = TrainingArguments(**args_dict)
+
+    callback = _make_card_callback(summary)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=eval_ds,
+        data_collator=FiMMIADataCollator.from_config(cfg),
+        compute_metrics=_compute_metrics if has_eval else None,
+        preprocess_logits_for_metrics=_scores_only if has_eval else None,
+        callbacks=[callback],
+    )
+    trainer.train()
+    if has_eval:
+        trainer.evaluate()  # final metrics of the kept (best) checkpoint go into the card
+    trained = trainer.model
+    callback._write(trained)
+    trainer.save_model(str(output_dir))
+    return trained
+
+
+# --------------------------------------------------------------------------------------------- prediction
+def predict(model: Any, ds: Any, *, batch_size: int = 64, device: str | None = None, progress: bool = True) -> Any:
+    """Score every sample: returns ``ds`` with a ``score`` column (mean P(member) over valid neighbours; NaN
+    for a sample without any valid neighbour). ``model`` is a detector or a path/Hub id; ``ds`` a dataset
+    or a path, with the same columns as for training (labels not needed)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .modeling_fimmia import FiMMIAForMembershipInference
+
+    if not isinstance(model, FiMMIAForMembershipInference):
+        model = FiMMIAForMembershipInference.from_pretrained(str(model))
+    ds = load_scored(ds)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    collator = FiMMIADataCollator.from_config(model.config)
+    wanted = ("sample_id", *LOSS_COLUMNS, *EMBEDDING_COLUMNS, *MEDIA_COLUMNS, *FEATURE_COLUMNS)
+    view = ds.select_columns([c for c in wanted if c in ds.column_names])
+    scores: list[np.ndarray] = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(view), batch_size), desc="FiMMIA scores", disable=not progress):
+            columns = view[start : start + batch_size]
+            n = len(next(iter(columns.values())))
+            batch = collator([{k: v[i] for k, v in columns.items()} for i in range(n)])
+            batch.pop("labels", None)
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            out = model(**batch)
+            scores.append(out.scores.float().cpu().numpy())
+    values = np.concatenate(scores) if scores else np.zeros(0)
+    n_nan = int(np.isnan(values).sum())
+    if n_nan:
+        logger.warning("%d sample(s) have no valid neighbour; their score is NaN", n_nan)
+    if "score" in ds.column_names:
+        ds = ds.remove_columns("score")
+    return ds.add_column("score", values.astype(np.float64).tolist())
+
+
+# --------------------------------------------------------------------------------------------- CLI
+@dataclasses.dataclass
+class TrainConfig:
+    """Arguments of ``fimmia-hf train`` (also the keys of its YAML ``--config``)."""
+
+    output_dir: str | None = None
+    train: str | None = None
+    eval: str | None = None
+    train_base: str | None = None
+    train_finetuned: str | None = None
+    eval_base: str | None = None
+    eval_finetuned: str | None = None
+    eval_size: float = 0.0
+    head: str = "fimmia"
+    loss_norm: str = "std"
+    seed: int = 0
+    num_train_epochs: float = 10.0
+    learning_rate: float = 1e-3
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 64
+    target_model: str | None = None
+    neighbor_model: str | None = None
+    embedding_model: str | None = None
+    media_embedding_model: str | None = None
+    modality: str | None = None
+    threshold: float = 0.5
+    training_args: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class PredictConfig:
+    """Arguments of ``fimmia-hf predict`` (also the keys of its YAML ``--config``)."""
+
+    model: str | None = None
+    data: str | None = None
+    base: str | None = None
+    finetuned: str | None = None
+    output: str | None = None
+    metrics: str | None = None
+    batch_size: int = 64
+    n_bootstrap: int = 1000
+    seed: int = 0
+
+
+_HELP = {
+    "output_dir": "folder for checkpoints and the final detector",
+    "train": "scored member/non-member samples with a 'label' column (save_to_disk folder or .parquet)",
+    "eval": "scored validation samples (same format); the best checkpoint by validation AUC is kept",
+    "train_base": "paired protocol: training samples scored by the base model (label 0)",
+    "train_finetuned": "paired protocol: the same samples scored by the fine-tuned model (label 1)",
+    "eval_base": "paired protocol: validation samples scored by the base model",
+    "eval_finetuned": "paired protocol: validation samples scored by the fine-tuned model",
+    "eval_size": "without eval data, hold out this fraction of training samples (split by sample_id)",
+    "head": "fimmia | loss_only | embedding_only (blind control)",
+    "loss_norm": "none | std | minmax | periodic",
+    "training_args": "extra transformers.TrainingArguments as JSON, e.g. '{\"optim\": \"adafactor\"}'",
+    "model": "detector folder or Hub id",
+    "data": "scored samples to predict (save_to_disk folder or .parquet)",
+    "base": "paired protocol: samples scored by the base model",
+    "finetuned": "paired protocol: the same samples scored by the fine-tuned model",
+    "output": "predictions file (.parquet or .csv): sample_id, ds_name, label, score",
+    "metrics": "metrics JSON (default: <output stem>.metrics.json)",
+    "n_bootstrap": "bootstrap resamples for the metric confidence intervals",
+}
+
+
+def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per field, all defaulting to None so that YAML values apply unless given on the line."""
+    parser.add_argument("--config", default=None, help="YAML file with any of the arguments below")
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+        if "dict" in kind:
+            parse: Any = json.loads
+        elif "float" in kind:
+            parse = float
+        elif "int" in kind:
+            parse = int
+        else:
+            parse = str
+        default = field.default if field.default is not dataclasses.MISSING else "{}"
+        text = _HELP.get(field.name, field.name.replace("_", " "))
+        if "default" not in text:
+            text += f" (default: {default})"
+        parser.add_argument(flag, dest=field.name, type=parse, default=None, help=text)
+
+
+def _resolve(cls: type, args: argparse.Namespace) -> Any:
+    """Dataclass defaults, overridden by the YAML file, overridden by flags given on the command line."""
+    import yaml
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        with open(args.config, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of argument names to values")
+        unknown = sorted(set(loaded) - names)
+        if unknown:
+            raise ValueError(f"{args.config}: unknown keys {unknown}; allowed: {sorted(names)}")
+        values.update(loaded)
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    return cls(**values)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags of ``fimmia-hf train``."""
+    _add_dataclass_arguments(parser, TrainConfig)
+    return parser
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags of ``fimmia-hf predict``."""
+    _add_dataclass_arguments(parser, PredictConfig)
+    return parser
+
+
+def _protocol_data(single: str | None, base: str | None, finetuned: str | None, what: str) -> Any | None:
+    if single and (base or finetuned):
+        raise ValueError(f"give either --{what} or --{what}-base/--{what}-finetuned, not both")
+    if base or finetuned:
+        if not (base and finetuned):
+            raise ValueError(f"the paired protocol needs both --{what}-base and --{what}-finetuned")
+        return paired_dataset(load_scored(base), load_scored(finetuned))
+    return load_scored(single) if single else None
+
+
+def run_train(args: argparse.Namespace) -> Path:
+    """``fimmia-hf train``: returns the output folder."""
+    cfg = _resolve(TrainConfig, args)
+    if not cfg.output_dir:
+        raise ValueError("--output-dir is required")
+    train = _protocol_data(cfg.train, cfg.train_base, cfg.train_finetuned, "train")
+    if train is None:
+        raise ValueError("no training data: give --train, or --train-base and --train-finetuned")
+    eval_ds = _protocol_data(cfg.eval, cfg.eval_base, cfg.eval_finetuned, "eval")
+    if eval_ds is None and cfg.eval_size > 0:
+        from .data import split_samples
+
+        train, eval_ds = split_samples(train, test_size=cfg.eval_size, seed=cfg.seed)
+    detector_config: dict[str, Any] = {
+        "head": cfg.head, "loss_norm": cfg.loss_norm, "threshold": cfg.threshold,
+        **{k: getattr(cfg, k) for k in CONFIG_METADATA},
+    }
+    train_detector(
+        train, eval_ds, config=detector_config, output_dir=cfg.output_dir, seed=cfg.seed,
+        num_train_epochs=cfg.num_train_epochs, learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        **cfg.training_args,
+    )
+    print(f"detector saved to {cfg.output_dir}")
+    return Path(cfg.output_dir)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def run_predict(args: argparse.Namespace) -> dict[str, Any]:
+    """``fimmia-hf predict``: writes predictions (Parquet or CSV) and a metrics JSON; returns the metrics."""
+    from .metrics import membership_metrics
+
+    cfg = _resolve(PredictConfig, args)
+    if not cfg.model or not cfg.output:
+        raise ValueError("--model and --output are required")
+    out = Path(cfg.output)
+    if out.suffix.lower() not in (".parquet", ".csv"):
+        raise ValueError(f"--output must end in .parquet or .csv, got {out}")
+    data = _protocol_data(cfg.data, cfg.base, cfg.finetuned, "data")
+    if data is None:
+        raise ValueError("no data: give --data, or --base and --finetuned")
+    scored = predict(cfg.model, data, batch_size=cfg.batch_size)
+    cols = [c for c in ("sample_id", "ds_name", "model_role", "label", "score") if c in scored.column_names]
+    frame = scored.select_columns(cols).to_pandas()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".parquet":
+        frame.to_parquet(out, index=False)
+    else:
+        frame.to_csv(out, index=False)
+
+    report: dict[str, Any] = {"model": cfg.model, "n_samples": len(frame), "predictions": str(out)}
+    if "label" in frame and frame["label"].notna().all():
+        valid = frame["score"].notna()
+        if not valid.all():
+            report["n_without_score"] = int((~valid).sum())
+        sub = frame[valid]
+        try:
+            report["metrics"] = membership_metrics(
+                sub["label"].astype(int).to_numpy(), sub["score"].to_numpy(), n_bootstrap=cfg.n_bootstrap,
+                seed=cfg.seed, groups=sub["ds_name"].astype(str).to_numpy() if "ds_name" in sub else None,
+            )
+        except ValueError as err:
+            report["metrics_error"] = str(err)
+    else:
+        report["metrics_error"] = "no labels: metrics need a 'label' column"
+    metrics_path = Path(cfg.metrics) if cfg.metrics else out.with_name(out.stem + ".metrics.json")
+    metrics_path.write_text(json.dumps(_jsonable(report), indent=2), encoding="utf-8")
+    print(f"predictions: {out}\nmetrics: {metrics_path}")
+    return report
+
+
+__all__ = [
+    "PredictConfig",
+    "TrainConfig",
+    "add_predict_arguments",
+    "add_train_arguments",
+    "load_scored",
+    "predict",
+    "run_predict",
+    "run_train",
+    "train_detector",
+]

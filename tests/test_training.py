@@ -1,0 +1,216 @@
+"""train_detector / predict / CLI functions, and a 2-process `accelerate launch` run (slow)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import fimmia_hf  # noqa: F401  (registers the Auto classes)
+from fimmia_hf.data import split_samples
+from fimmia_hf.metrics import membership_metrics
+from fimmia_hf.modeling_fimmia import FiMMIAForMembershipInference
+from fimmia_hf.testing import synthetic_features
+from fimmia_hf.training import (
+    add_predict_arguments,
+    add_train_arguments,
+    predict,
+    run_predict,
+    run_train,
+    train_detector,
+)
+
+QUIET = dict(disable_tqdm=True, logging_strategy="no")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The test machine is shared; oversubscribed intra-op threads make these tiny steps 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def split():
+    ds = synthetic_features(240, k=4, dim=8, shift=1.0, seed=0)
+    return split_samples(ds, test_size=0.5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(split, tmp_path_factory):
+    train, held_out = split
+    out = tmp_path_factory.mktemp("detector")
+    start = time.perf_counter()
+    model = train_detector(
+        train, held_out, config={"target_model": "org/tiny-vlm", "embedding_model": "org/tiny-embedder"},
+        output_dir=out, seed=0, num_train_epochs=4, **QUIET,
+    )
+    return model, out, time.perf_counter() - start
+
+
+def test_detector_learns_shifted_loss_deltas(trained, split) -> None:
+    model, _, seconds = trained
+    _, held_out = split
+    scored = predict(model, held_out, progress=False)
+    auc = membership_metrics(scored["label"], scored["score"], n_bootstrap=0)["auc"]
+    print(f"held-out AUC {auc:.3f} after {seconds:.1f} s of training")
+    assert auc > 0.9
+
+
+def test_saved_detector_and_card_data(trained, split) -> None:
+    from transformers import AutoModel
+
+    model, out, _ = trained
+    loaded = AutoModel.from_pretrained(out)
+    assert type(loaded) is FiMMIAForMembershipInference
+    card = loaded.config.card_data
+    assert card["num_neighbors"] == 4 and loaded.config.num_neighbors == 4
+    assert card["train_data"]["n_rows"] == len(split[0])
+    assert card["train_data"]["n_members"] + card["train_data"]["n_nonmembers"] == len(split[0])
+    assert set(card["train_data"]["ds_names"]) == {"synthetic_a", "synthetic_b"}
+    assert card["components"]["target_model"] == "org/tiny-vlm"
+    assert loaded.config.embedding_model == "org/tiny-embedder"
+    assert card["eval_metrics"]["auc"] == pytest.approx(card["best_eval_auc"])
+    assert card["best_checkpoint_step"] > 0 and loaded.config.protocol == "member"
+    # normalisation statistics of the training split are stored (true std)
+    train = split[0]
+    deltas = np.concatenate([np.array(r["neighbor_losses"], dtype=np.float64) - r["loss"] for r in train])
+    assert loaded.config.loss_std == pytest.approx(deltas.std(), rel=1e-5)
+    # predict from the folder gives the same scores as the in-memory model
+    a = predict(out, split[1], progress=False)["score"]
+    b = predict(model, split[1], progress=False)["score"]
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_blind_embedding_only_control_is_near_chance(split, tmp_path) -> None:
+    """Embeddings of the synthetic samples carry no membership signal: the blind head must not find one."""
+    train, held_out = split
+    model = train_detector(train, held_out, config={"head": "embedding_only"}, output_dir=tmp_path,
+                           num_train_epochs=2, **QUIET)
+    scored = predict(model, held_out.remove_columns(["loss", "neighbor_losses"]), progress=False)
+    assert membership_metrics(scored["label"], scored["score"], n_bootstrap=0)["auc"] < 0.75
+
+
+def test_seeded_training_is_reproducible(split, tmp_path) -> None:
+    train = split[0].select(range(48))
+    kw = dict(config={"projection_dim": 32, "hidden_sizes": [16]}, seed=3, num_train_epochs=1, **QUIET)
+    a = train_detector(train, output_dir=tmp_path / "a", **kw).state_dict()
+    b = train_detector(train, output_dir=tmp_path / "b", **kw).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "model.safetensors").exists()
+
+
+def test_training_input_errors(split, tmp_path) -> None:
+    train, held_out = split
+    with pytest.raises(ValueError, match="members and non-members"):
+        train_detector(train, held_out.filter(lambda r: r["label"] == 1), output_dir=tmp_path)
+    with pytest.raises(ValueError, match="embedding_dim=5"):
+        train_detector(train, config={"embedding_dim": 5}, output_dir=tmp_path)
+    with pytest.raises(ValueError, match="media"):
+        train_detector(train, config={"media_embedding_dim": 4}, output_dir=tmp_path)
+    with pytest.raises(ValueError, match="'label'"):
+        train_detector(train.remove_columns("label"), output_dir=tmp_path)
+
+
+def _paired_tables(tmp_path: Path) -> tuple[str, str]:
+    """The same samples scored by a base model and by a model fine-tuned on them (ΔL grows for the latter)."""
+    base = synthetic_features(120, k=3, dim=8, shift=0.0, seed=4).remove_columns("label")
+    finetuned = base.map(lambda r: {"loss": r["loss"] - 0.8}).shuffle(seed=1)
+    base.save_to_disk(str(tmp_path / "base"))
+    finetuned.to_parquet(str(tmp_path / "finetuned.parquet"))
+    return str(tmp_path / "base"), str(tmp_path / "finetuned.parquet")
+
+
+def test_cli_train_and_predict_paired(tmp_path) -> None:
+    base, finetuned = _paired_tables(tmp_path)
+    (tmp_path / "train.yaml").write_text(textwrap.dedent(f"""
+        train_base: {base}
+        train_finetuned: {finetuned}
+        eval_size: 0.3
+        num_train_epochs: 1
+        target_model: org/base-vlm
+        training_args: {{disable_tqdm: true, logging_strategy: "no"}}
+    """))
+    parser = add_train_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--config", str(tmp_path / "train.yaml"), "--output-dir", str(tmp_path / "det"),
+                              "--num-train-epochs", "3"])
+    out = run_train(args)
+    config = json.loads((out / "config.json").read_text())
+    assert config["protocol"] == "paired" and config["target_model"] == "org/base-vlm"
+    assert config["card_data"]["epochs"] == pytest.approx(3.0)  # the command line wins over the YAML
+
+    for suffix in (".parquet", ".csv"):
+        pargs = add_predict_arguments(argparse.ArgumentParser()).parse_args([
+            "--model", str(out), "--base", base, "--finetuned", finetuned,
+            "--output", str(tmp_path / f"pred{suffix}"), "--n-bootstrap", "50",
+        ])
+        report = run_predict(pargs)
+        frame = pd.read_parquet(tmp_path / "pred.parquet") if suffix == ".parquet" else pd.read_csv(tmp_path / "pred.csv")
+        assert list(frame.columns) == ["sample_id", "ds_name", "model_role", "label", "score"]
+        assert len(frame) == 240 and frame["score"].between(0, 1).all()
+        saved = json.loads((tmp_path / "pred.metrics.json").read_text())
+        assert saved["metrics"]["auc"] == pytest.approx(report["metrics"]["auc"])
+        assert saved["metrics"]["auc"] > 0.9
+        assert set(saved["metrics"]["groups"]) == {"synthetic_a", "synthetic_b"}
+
+
+def test_cli_rejects_bad_configuration(tmp_path) -> None:
+    (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n")
+    args = add_train_arguments(argparse.ArgumentParser()).parse_args(["--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(ValueError, match="unknown keys"):
+        run_train(args)
+    args = add_train_arguments(argparse.ArgumentParser()).parse_args(["--output-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="no training data"):
+        run_train(args)
+    pargs = add_predict_arguments(argparse.ArgumentParser()).parse_args(
+        ["--model", "m", "--data", "d", "--output", str(tmp_path / "p.txt")])
+    with pytest.raises(ValueError, match="parquet or .csv"):
+        run_predict(pargs)
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch(tmp_path) -> None:
+    """`accelerate launch --multi_gpu --num_processes 2` runs two CPU processes (gloo) when no GPU exists."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        accelerate = shutil.which("accelerate")
+    script = tmp_path / "train_2proc.py"
+    script.write_text(textwrap.dedent("""
+        import json, sys
+        from fimmia_hf.data import split_samples
+        from fimmia_hf.testing import synthetic_features
+        from fimmia_hf.training import train_detector
+        train, held_out = split_samples(synthetic_features(96, k=3, dim=8, shift=1.5), test_size=0.5, seed=0)
+        model = train_detector(train, held_out, output_dir=sys.argv[1], num_train_epochs=3, use_cpu=True,
+                               disable_tqdm=True, logging_strategy="no")
+        card = model.config.card_data
+        print("RESULT", json.dumps({"world": card["training_args"]["world_size"], "auc": card["eval_metrics"]["auc"]}))
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    with socket.socket() as sock:  # a free rendezvous port: 29500 may be taken by another run on this machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(port),
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line.split("RESULT", 1)[1]) for line in done.stdout.splitlines() if "RESULT" in line]
+    assert len(results) == 2 and all(r["world"] == 2 for r in results)
+    assert results[0]["auc"] > 0.9
+    loaded = FiMMIAForMembershipInference.from_pretrained(tmp_path / "out")
+    assert loaded.config.card_data["training_args"]["world_size"] == 2
