@@ -22,7 +22,7 @@ _LAZY = {
     "TargetScorer": "scoring",
     "train_detector": "training",
     "predict": "training",
-    "finetune": "finetune",
+    "finetune": "finetuning",
     "attribute": "attribution",
     "push_detector": "hub",
     "load_detector": "hub",

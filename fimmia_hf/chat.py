@@ -124,6 +124,21 @@ class ChatEncoder:
         fe = getattr(processor, "feature_extractor", None)
         self.sampling_rate: int | None = getattr(fe, "sampling_rate", None)
 
+    def load_media(self, modality: str | None, value: Any, *, num_frames: int = 8) -> Any:
+        """Decode a sample's media as the model expects it (audio at the processor's rate, N video frames).
+
+        Scoring and fine-tuning both decode through here, so they feed the model the same inputs.
+        """
+        from .media import load_media
+
+        if modality is None:
+            return None
+        if modality == "audio":
+            return load_media("audio", value, sampling_rate=self.sampling_rate or 16000)[0]
+        if modality == "video":
+            return load_media("video", value, num_frames=num_frames)
+        return load_media(modality, value)
+
     # -- text side -------------------------------------------------------------------------------
     def _template(self, messages: list[dict], **kwargs: Any) -> str:
         owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer

@@ -403,16 +403,6 @@ class TargetScorer(Stage):
         return super().apply(ds, **kwargs)
 
     # -- per batch ------------------------------------------------------------------------------------
-    def _media(self, modality: str | None, value: Any, encoder: ChatEncoder) -> Any:
-        if modality is None:
-            return None
-        if modality == "audio":
-            wave, _ = load_media("audio", value, sampling_rate=encoder.sampling_rate or 16000)
-            return wave
-        if modality == "video":
-            return load_media("video", value, num_frames=self.num_frames)
-        return load_media(modality, value)
-
     def process(self, batch: dict[str, list]) -> dict[str, list]:
         engine, encoder = self.load()
         n_rows = len(batch["input"])
@@ -433,7 +423,7 @@ class TargetScorer(Stage):
             answer = batch["answer"][j]
             column = modality
             try:
-                media = self._media(modality, batch[modality][j], encoder) if modality else None
+                media = encoder.load_media(modality, batch[modality][j], num_frames=self.num_frames) if modality else None
                 column = "input"
                 variants = [(batch["input"][j], answer)] + [(t, answer) for t in neighbors]
                 encodings = encoder.encode_variants(variants, media, modality)

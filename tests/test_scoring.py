@@ -44,7 +44,7 @@ def test_scores_equal_plain_forward_for_every_kind(modality, loaded, synthetic_t
     scorer = TargetScorer(model, processor=processor)
     _, encoder = scorer.load()
     for row in out:
-        value = scorer._media(media, row.get(modality), encoder)
+        value = encoder.load_media(media, row.get(modality))
         for text, loss, logprobs in zip(
             [row["input"], *row["neighbors"]], [row["loss"], *row["neighbor_losses"]], [row["token_logprobs"], *row["neighbor_token_logprobs"]]
         ):
