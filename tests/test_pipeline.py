@@ -1,0 +1,158 @@
+"""`pipeline("membership-inference")` end to end on tiny models: raw image samples in, scores out."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import pytest
+import torch
+from transformers import pipeline
+
+from fimmia_hf import FiMMIAConfig, FiMMIAForMembershipInference
+from fimmia_hf.pipeline_fimmia import MembershipInferencePipeline
+
+K = 4
+
+
+def _dim(path: str, *keys: str) -> int:
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    for key in keys:
+        cfg = cfg[key] if key in cfg else cfg
+    return int(cfg)
+
+
+@pytest.fixture(scope="module")
+def detector_dir(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Random-weight detector whose config records the four tiny component models (dims read from them)."""
+    paths = {k: tiny_model(k) for k in ("image-text", "t5-infill", "text-encoder", "image-encoder")}
+    torch.manual_seed(0)
+    cfg = FiMMIAConfig(
+        embedding_dim=_dim(paths["text-encoder"], "hidden_size"),
+        media_embedding_dim=_dim(paths["image-encoder"], "projection_dim"),
+        projection_dim=16, hidden_sizes=[16, 8], num_neighbors=K, modality="image", protocol="member",
+        target_model=paths["image-text"], neighbor_model=paths["t5-infill"],
+        embedding_model=paths["text-encoder"], media_embedding_model=paths["image-encoder"],
+    )
+    out = tmp_path_factory.mktemp("detector")
+    FiMMIAForMembershipInference(cfg).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def samples(synthetic_table) -> list[dict]:
+    csv = synthetic_table("image", n=4)
+    rows = pd.read_csv(csv).to_dict("records")
+    for r in rows:
+        r["image"] = str(Path(csv).parent / r["image"])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def pipe(detector_dir: str) -> MembershipInferencePipeline:
+    # T5 span filling kept, with few masks: random tiny T5 weights generate until the length cap
+    return pipeline("membership-inference", model=detector_dir, device="cpu",
+                    neighbor_kwargs={"min_masks": 1, "max_masks": 2})
+
+
+@pytest.fixture(scope="module")
+def fast_pipe(detector_dir: str) -> MembershipInferencePipeline:
+    """Model-free neighbour operations only, for the tests that score many samples."""
+    return pipeline("membership-inference", model=detector_dir, device="cpu", neighbor_kwargs={"ops": ("delete", "swap")})
+
+
+def test_raw_image_sample_gives_a_score(pipe: MembershipInferencePipeline, samples: list[dict]) -> None:
+    from PIL import Image
+
+    assert isinstance(pipe, MembershipInferencePipeline)  # registered task, no trust_remote_code needed
+    sample = {"input": samples[0]["input"], "answer": samples[0]["answer"], "image": Image.open(samples[0]["image"])}
+    out = pipe(sample, return_features=True)
+    assert set(out) == {"score", "label", "features"}
+    assert 0.0 <= out["score"] <= 1.0
+    assert out["label"] == ("member" if out["score"] > 0.5 else "non-member")
+    feats = out["features"]
+    assert len(feats["neighbors"]) == len(feats["neighbor_losses"]) == K
+    assert all(n != sample["input"] for n in feats["neighbors"])
+    assert math.isfinite(feats["loss"]) and len(feats["loss_delta"]) == K
+    assert len(feats["media_delta"][0]) == pipe.model.config.media_embedding_dim
+    assert feats["loss_delta"][0] == pytest.approx(feats["neighbor_losses"][0] - feats["loss"], abs=1e-5)
+
+
+def test_list_and_dataset_inputs_batched(fast_pipe: MembershipInferencePipeline, samples: list[dict]) -> None:
+    pipe = fast_pipe
+    rows = [{k: r[k] for k in ("input", "answer", "image")} for r in samples]
+    listed = pipe(rows, batch_size=3)  # detector runs in chunks of 3 + 1
+    assert isinstance(listed, list) and len(listed) == len(rows)
+    assert all(0.0 <= r["score"] <= 1.0 and r["label"] in ("member", "non-member") for r in listed)
+    single = pipe(rows[1])
+    assert single["score"] == pytest.approx(listed[1]["score"], abs=1e-6)  # batch composition does not matter
+
+    from_ds = pipe(datasets.Dataset.from_list(rows), batch_size=1)
+    assert [r["score"] for r in from_ds] == pytest.approx([r["score"] for r in listed], abs=1e-6)
+
+    assert all(r["label"] == "member" for r in pipe(rows, threshold=0.0))
+    assert all(r["label"] == "non-member" for r in pipe(rows, threshold=1.0))
+    with pytest.raises(ValueError, match="threshold"):
+        pipe(rows[0], threshold=2.0)
+
+
+def test_rows_with_features_skip_the_stages(tmp_path: Path) -> None:
+    from fimmia_hf.testing import synthetic_features
+
+    torch.manual_seed(0)
+    model = FiMMIAForMembershipInference(FiMMIAConfig(embedding_dim=8, projection_dim=8, hidden_sizes=[8]))
+    model.save_pretrained(tmp_path)  # records no component models: any stage would fail
+    pipe = pipeline("membership-inference", model=str(tmp_path), device="cpu", threshold=0.0)
+    ds = synthetic_features(n=5, k=3, dim=8)
+    out = pipe(ds, batch_size=2)
+    assert len(out) == 5 and pipe._stages == {}
+    assert all(0.0 <= r["score"] <= 1.0 and r["label"] == "member" for r in out)  # threshold set at construction
+    with torch.no_grad():
+        from fimmia_hf.features import FiMMIADataCollator
+
+        batch = FiMMIADataCollator.from_config(model.config)(list(ds))
+        batch.pop("labels")
+        expected = model.eval()(**batch).scores.tolist()
+    assert [r["score"] for r in out] == pytest.approx(expected, abs=1e-6)
+
+    with pytest.raises(ValueError, match="pass target_model="):
+        pipe({"input": "Какая фигура? ОТВЕТ:", "answer": "A"})
+    with pytest.raises(ValueError, match=r"sample 0: needs 'answer'"):
+        pipe([{"input": "no answer"}])
+
+    pipe.save_pretrained(tmp_path / "saved")
+    assert "custom_pipelines" not in json.loads((tmp_path / "saved" / "config.json").read_text())
+
+
+@pytest.mark.slow  # a fresh interpreter importing transformers: ~10-25 s on 2 shared cores
+def test_remote_code_without_the_package(tmp_path: Path) -> None:
+    """Where fimmia_hf is absent: the detector loads with trust_remote_code, and the pipeline module imports but
+    says clearly that scoring needs the package."""
+    torch.manual_seed(0)
+    FiMMIAForMembershipInference(FiMMIAConfig(embedding_dim=8, projection_dim=8, hidden_sizes=[8])).save_pretrained(tmp_path / "det")
+    pipeline_file = Path(__file__).parents[1] / "fimmia_hf" / "pipeline_fimmia.py"
+    script = textwrap.dedent(f"""
+        import importlib.util, sys
+        sys.modules["fimmia_hf"] = None  # as if not installed
+        from transformers import AutoModelForSequenceClassification
+        m = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "det")!r}, trust_remote_code=True)
+        assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
+        spec = importlib.util.spec_from_file_location("pipeline_fimmia", {str(pipeline_file)!r})
+        mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+        try:
+            mod._fimmia("features")
+        except ImportError as err:
+            assert "pip install fimmia-hf" in str(err), err
+            print("OK")
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]
