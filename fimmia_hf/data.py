@@ -12,8 +12,9 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import datasets
 import numpy as np
@@ -37,9 +38,14 @@ def _rows_message(where: str, column: str, problem: str, rows: list[tuple[int, s
     return f"{where}: column '{column}': {problem} in {len(rows)} row(s) (rows numbered from 1):\n{shown}{more}"
 
 
-def _read_table(path: Path) -> datasets.Dataset:
-    """Read a file or `save_to_disk` folder with every table cell kept as the user wrote it."""
+def read_table(path: str | os.PathLike) -> datasets.Dataset:
+    """Read a table file or `save_to_disk` folder as it is (no validation): stage outputs, paired tables.
+
+    Text columns keep what the user wrote (answer "1" stays "1").
+    """
     import pandas as pd
+
+    path = Path(path)
 
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
@@ -140,7 +146,7 @@ def load_samples(
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         where, base = str(path), (path if path.is_dir() else path.parent)
-        ds = _read_table(path)
+        ds = read_table(path)
         default_name = ds_name or path.stem
     elif isinstance(source, datasets.Dataset):
         where, base, ds, default_name = "dataset", None, source, ds_name or "samples"

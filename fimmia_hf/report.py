@@ -1,0 +1,220 @@
+"""One evaluation report: the detector, every classic attack and the blind baselines on one test split.
+
+A membership result means little without a model-free control on the same split: if a classifier that
+never queries the model separates members from non-members, the split is shifted and the attack may be
+measuring the shift. So the report always puts the blind baselines beside the detector, states the lift
+over the best of them, and warns loudly when any of them reaches AUC >= 0.6.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from . import attacks, shift
+from .metrics import membership_metrics, plot_roc
+
+SHIFT_WARNING_AUC = 0.6
+_SUMMARY_KEYS = ("auc", "tpr@0.1%fpr", "tpr@1%fpr", "tpr@5%fpr", "fpr@95%tpr")
+
+
+def _fmt(entry: Mapping[str, Any], key: str) -> str:
+    value = entry.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    low, high = entry.get(f"{key}_ci", (math.nan, math.nan))
+    return f"{value:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def _table(rows: list[tuple[str, str, Mapping[str, Any]]]) -> str:
+    head = "| method | kind | AUC [95% CI] | TPR@0.1%FPR | TPR@1%FPR | TPR@5%FPR | FPR@95%TPR |\n|---|---|---|---|---|---|---|"
+    lines = [f"| {name} | {kind} | " + " | ".join(_fmt(m, k) for k in _SUMMARY_KEYS) + " |" for name, kind, m in rows]
+    return "\n".join([head, *lines])
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items() if k != "scores"}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def build_report(
+    test: datasets.Dataset,
+    *,
+    out_dir: str | Path,
+    detector_scores: Mapping[str, np.ndarray] | None = None,
+    train: datasets.Dataset | None = None,
+    blind: Mapping[str, Mapping[str, Any]] | None = None,
+    modality: str | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    title: str = "Membership inference report",
+    notes: list[str] | None = None,
+) -> dict[str, Any]:
+    """Evaluate every method on `test` and write `report.md`, `report.json` and `roc.png` to `out_dir`.
+
+    `detector_scores` maps names ("FiMMIA", "FiMMIA loss-only", ...) to scores aligned with `test`.
+    Classic attacks come from the scorer's columns in `test`. Blind baselines are fitted on `train`
+    and scored on `test` when `train` is given, else cross-validated on `test`; pass `blind` to reuse
+    results already computed. Returns the report as a dict (what `report.json` holds).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = np.asarray(test["label"])
+    groups = test["ds_name"] if "ds_name" in test.column_names else None
+
+    def metrics(scores: np.ndarray) -> dict[str, Any]:
+        return membership_metrics(labels, scores, n_bootstrap=n_bootstrap, seed=seed, groups=groups)
+
+    methods: dict[str, dict[str, Any]] = {}
+    scores_of: dict[str, np.ndarray] = {}
+    for name, scores in (detector_scores or {}).items():
+        scores_of[name] = np.asarray(scores, dtype=float)
+        methods[name] = {"kind": "detector", **metrics(scores_of[name])}
+    for name, scores in attacks.score_all(test).items():
+        if np.isnan(scores).any():
+            continue  # an attack undefined on some rows (e.g. empty answers) is left out, not imputed
+        scores_of[name] = scores
+        methods[name] = {"kind": "classic attack", **metrics(scores)}
+    if blind is None:
+        blind = (
+            shift.run_blind_baselines(train, test_ds=test, modality=modality, seed=seed)
+            if train is not None
+            else shift.run_blind_baselines(test, modality=modality, seed=seed)
+        )
+    for name, entry in blind.items():
+        scores_of[f"blind: {name}"] = np.asarray(entry["scores"], dtype=float)
+        methods[f"blind: {name}"] = {"kind": "sanity check" if name == shift.PERMUTED else "blind baseline", **entry}
+
+    blind_names = [n for n, m in methods.items() if m["kind"] == "blind baseline"]
+    best_blind = max(blind_names, key=lambda n: methods[n]["auc"], default=None)
+    warnings: list[str] = []
+    shifted = [n for n in blind_names if methods[n]["auc"] >= SHIFT_WARNING_AUC]
+    if shifted:
+        listed = ", ".join(f"{n} {methods[n]['auc']:.3f}" for n in shifted)
+        warnings.append(
+            f"DISTRIBUTION SHIFT: {len(shifted)} blind baseline(s) reach AUC >= {SHIFT_WARNING_AUC} without querying the "
+            f"model ({listed}). Members and non-members differ in "
+            "ways visible without the model; membership claims from this split are not supported."
+        )
+    sanity = methods.get(f"blind: {shift.PERMUTED}")
+    if sanity is not None and not sanity["auc_ci"][0] <= 0.5 <= sanity["auc_ci"][1]:
+        warnings.append(
+            f"the permuted-label sanity run reached AUC {sanity['auc']:.3f} (95 % CI excludes 0.5): the evaluation leaks labels"
+        )
+
+    lift = {}
+    primary = next(iter(detector_scores or {}), None)
+    if primary is not None and best_blind is not None:
+        lift = {
+            "method": primary,
+            "best_blind": best_blind,
+            "auc": methods[primary]["auc"] - methods[best_blind]["auc"],
+            "tpr@1%fpr": methods[primary]["tpr@1%fpr"] - methods[best_blind]["tpr@1%fpr"],
+        }
+
+    classic = sorted((n for n, m in methods.items() if m["kind"] == "classic attack"), key=lambda n: -methods[n]["auc"])
+    detectors = [n for n, m in methods.items() if m["kind"] == "detector"]
+    plotted = detectors + classic[:4] + sorted(blind_names, key=lambda n: -methods[n]["auc"])[:3]
+    plot_roc({n: (labels, scores_of[n]) for n in plotted}, out_dir / "roc.png", log="both", title=title)
+
+    report = {
+        "title": title,
+        "n_members": int(labels.sum()),
+        "n_nonmembers": int(len(labels) - labels.sum()),
+        "methods": methods,
+        "best_classic_attack": classic[0] if classic else None,
+        "best_blind_baseline": best_blind,
+        "lift_over_best_blind": lift,
+        # sample-size warnings are the same for every method: state each once
+        "warnings": warnings + list(dict.fromkeys(w for m in methods.values() for w in m.get("warnings", []))),
+        "notes": notes or [],
+        "roc_plot": "roc.png",
+    }
+    (out_dir / "report.json").write_text(json.dumps(_jsonable(report), indent=2, ensure_ascii=False))
+    (out_dir / "report.md").write_text(_markdown(report, methods, detectors, classic, blind_names))
+    return report
+
+
+def _markdown(report: dict, methods: dict, detectors: list[str], classic: list[str], blind_names: list[str]) -> str:
+    order = detectors + classic + sorted(blind_names, key=lambda n: -methods[n]["auc"])
+    order += [n for n, m in methods.items() if m["kind"] == "sanity check"]
+    parts = [f"# {report['title']}", ""]
+    parts += [f"> **WARNING** {w}" for w in report["warnings"] if w.startswith("DISTRIBUTION SHIFT")]
+    parts += [
+        "",
+        f"Test split: {report['n_members']} members, {report['n_nonmembers']} non-members. "
+        "Metrics are exact (step ROC, no interpolation); intervals are 95 % stratified bootstrap.",
+        "",
+        _table([(n, methods[n]["kind"], methods[n]) for n in order]),
+        "",
+    ]
+    lift = report["lift_over_best_blind"]
+    if lift:
+        parts.append(
+            f"**Lift of {lift['method']} over the best blind baseline ({lift['best_blind']}):** "
+            f"AUC {lift['auc']:+.3f}, TPR@1%FPR {lift['tpr@1%fpr']:+.3f}."
+        )
+    parts += ["", "![ROC curves, linear and log-log](roc.png)", ""]
+    headline = detectors + classic[:1] + ([report["best_blind_baseline"]] if report["best_blind_baseline"] else [])
+    group_names = sorted({g for n in headline for g in methods[n].get("groups", {})})
+    if len(group_names) > 1:
+        parts += ["## Per dataset (AUC)", "", "| ds_name | " + " | ".join(headline) + " |", "|---" * (len(headline) + 1) + "|"]
+        for g in group_names:
+            cells = [methods[n].get("groups", {}).get(g, {}).get("auc") for n in headline]
+            parts.append(f"| {g} | " + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells) + " |")
+        parts.append("")
+    other = [w for w in report["warnings"] if not w.startswith("DISTRIBUTION SHIFT")]
+    if other:
+        parts += ["## Notes and warnings", "", *[f"- {w}" for w in other], ""]
+    parts += [f"- {n}" for n in report["notes"]]
+    return "\n".join(parts) + "\n"
+
+
+def add_evaluate_arguments(parser: Any) -> None:
+    parser.add_argument("--test", required=True, help="scored test split (save_to_disk folder or Parquet) with `label`")
+    parser.add_argument("--model", help="trained detector folder or Hub id (omit to report only attacks and baselines)")
+    parser.add_argument(
+        "--ablation", action="append", default=[], metavar="NAME=DIR",
+        help="another detector to report beside it, e.g. 'loss-only=runs/loss_only' (repeatable)",
+    )
+    parser.add_argument("--train", help="training split: the blind baselines are fitted on it and scored on --test")
+    parser.add_argument("--modality", choices=("image", "audio", "video", "text"), help="default: from the media column")
+    parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
+    parser.add_argument("--title", default="Membership inference report")
+    parser.add_argument("--out", required=True, help="folder for report.md, report.json and roc.png")
+
+
+def run_evaluate(args: Any) -> int:
+    from .data import read_table
+    from .training import predict
+
+    test = read_table(args.test)
+    train = read_table(args.train) if args.train else None
+    detectors = {"FiMMIA": args.model} if args.model else {}
+    for item in args.ablation:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--ablation expects NAME=DIR, got {item!r}")
+        detectors[name] = path
+    scores = {name: np.asarray(predict(path, test)["score"]) for name, path in detectors.items()}
+    report = build_report(
+        test, out_dir=args.out, detector_scores=scores, train=train, modality=args.modality,
+        n_bootstrap=args.n_bootstrap, title=args.title,
+    )
+    print((Path(args.out) / "report.md").read_text())
+    for warning in report["warnings"][:1]:
+        print(f"WARNING: {warning}")
+    return 0

@@ -1,0 +1,57 @@
+"""The evaluation report: every method on one split, blind controls beside it, a warning when shifted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from fimmia_hf import load_samples
+from fimmia_hf.report import build_report
+
+
+def _scored(csv_path: str, seed: int = 0) -> datasets.Dataset:
+    """Samples with scorer-like columns where members have a lower loss than non-members."""
+    ds = load_samples(csv_path)
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(ds["label"])
+    n = len(ds)
+    logprobs = [list(rng.normal(-1.5 + 0.8 * y, 0.3, 3)) for y in labels]
+    return ds.add_column("loss", [-float(np.mean(lp)) for lp in logprobs]).add_column(
+        "neighbor_losses", [list(-np.mean(lp) + rng.normal(0.3 * y, 0.1, 4)) for lp, y in zip(logprobs, labels)]
+    ).add_column("token_logprobs", logprobs).add_column("token_mean_logprob", [[-1.0] * 3] * n).add_column(
+        "token_std_logprob", [[0.5] * 3] * n
+    )
+
+
+@pytest.mark.parametrize("shifted", [True, False], ids=["year-shift", "iid"])
+def test_report_warns_only_when_blind_baselines_separate_the_split(synthetic_table, tmp_path: Path, shifted: bool) -> None:
+    from fimmia_hf.testing import make_synthetic_samples
+
+    csv = make_synthetic_samples(tmp_path / "data", modality="text", n=160, seed=1, member_shift={"year": True} if shifted else None)
+    ds = _scored(csv)
+    train, test = ds.train_test_split(test_size=0.5, seed=0, stratify_by_column=None).values()
+    detector = np.asarray(test["label"]) + np.random.default_rng(0).normal(0, 0.5, len(test))
+    report = build_report(test, train=train, out_dir=tmp_path / "report", detector_scores={"FiMMIA": detector}, n_bootstrap=200)
+
+    md = (tmp_path / "report" / "report.md").read_text()
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert (tmp_path / "report" / "roc.png").stat().st_size > 10_000
+    kinds = {m["kind"] for m in saved["methods"].values()}
+    assert {"detector", "classic attack", "blind baseline", "sanity check"} <= kinds
+    assert {"loss", "min_k_20", "min_k_pp_20", "neighborhood"} <= set(saved["methods"])
+    assert saved["methods"]["loss"]["auc"] > 0.9  # members have lower loss
+    assert "tpr@1%fpr_ci" in saved["methods"]["FiMMIA"]
+    lift = report["lift_over_best_blind"]
+    assert lift["auc"] == pytest.approx(saved["methods"]["FiMMIA"]["auc"] - saved["methods"][lift["best_blind"]]["auc"])
+    blind_aucs = {n: m["auc"] for n, m in saved["methods"].items() if m["kind"] == "blind baseline"}
+    if shifted:
+        assert blind_aucs["blind: date_detection"] > 0.9
+        assert "**WARNING** DISTRIBUTION SHIFT" in md
+    else:
+        assert all(abs(a - 0.5) <= 0.15 for a in blind_aucs.values()), blind_aucs
+        assert "DISTRIBUTION SHIFT" not in md
+    assert "| FiMMIA | detector |" in md and "Lift of FiMMIA" in md
