@@ -15,15 +15,17 @@ import sys
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("data", "check a sample table (columns, labels, media) and print a summary"),
-    "finetune": ("finetune", "SFT-LoRA fine-tune a target on member samples (controlled members)"),
+    "finetune": ("finetuning", "SFT-LoRA fine-tune a target on member samples (controlled members)"),
     "neighbors": ("neighbors", "generate K perturbed neighbours of each sample's text (and media)"),
     "embed": ("embeddings", "embed each sample and its neighbours (text and media)"),
     "score": ("scoring", "score samples and their neighbours with a target model (losses, per-token statistics)"),
     "train": ("training", "train a FiMMIA detector on scored samples"),
     "predict": ("training", "score samples with a trained detector; write predictions and metrics"),
     "evaluate": ("report", "one report: detector, classic attacks and blind baselines on a test split"),
+    "attribute": ("attribution", "gradient attribution of the detector's input groups (ΔL vs Δe vs Δm), with graphs"),
     "shift": ("shift", "blind (model-free) baselines: is the member/non-member split shifted?"),
     "push": ("hub", "push a detector (with its model card) to the Hugging Face Hub"),
+    "demo": ("demo", "the whole pipeline end to end on synthetic data with tiny models (no network)"),
     "bench": ("bench", "benchmarks: each stage vs its naive loop, end-to-end throughput, memory"),
 }
 
