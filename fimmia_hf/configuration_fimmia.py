@@ -113,3 +113,6 @@ class FiMMIAConfig(PreTrainedConfig):
 
 
 __all__ = ["FiMMIAConfig"]
+
+
+FiMMIAConfig.register_for_auto_class()  # saved detectors carry this file: `trust_remote_code=True` works anywhere

@@ -35,7 +35,7 @@ def _source(value: Any) -> Any:
     return value
 
 
-def load_image(value: Any) -> "PIL.Image.Image":  # noqa: F821
+def load_image(value: Any) -> PIL.Image.Image:  # noqa: F821
     """An RGB PIL image from a path, bytes, PIL image, array or datasets Image value."""
     from PIL import Image
 

@@ -270,3 +270,6 @@ class FiMMIAForMembershipInference(PreTrainedModel):
 
 
 __all__ = ["FiMMIAForMembershipInference", "MembershipInferenceOutput", "PeriodicEmbedding"]
+
+
+FiMMIAForMembershipInference.register_for_auto_class("AutoModelForSequenceClassification")
