@@ -234,6 +234,7 @@ def train_detector(
     `transformers.TrainingArguments` (10 epochs, AdamW lr 1e-3, 16 samples per device and step).
     With ``eval``, the checkpoint with the best validation AUC is kept. Returns the trained model.
     """
+    import torch
     import transformers
     from transformers import Trainer, TrainingArguments
 
@@ -283,6 +284,7 @@ def train_detector(
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     args_dict.update(training_args)
     if args_dict.get("remove_unused_columns"):
@@ -307,6 +309,9 @@ def train_detector(
     trained = trainer.model
     callback._write(trained)
     trainer.save_model(str(output_dir))
+    # Trainer pickles its arguments beside the weights; the card data already records them, and a
+    # detector folder should hold nothing that needs unpickling
+    Path(output_dir, "training_args.bin").unlink(missing_ok=True)
     return trained
 
 
