@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install ffmpeg test test-all lint demo bench clean
+.PHONY: install ffmpeg test test-slow test-all lint demo bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ install: $(STAMP) ffmpeg
 
 test: install  ## the default suite (slow tests deselected)
 	$(BIN)/python -m pytest
+
+test-slow: install  ## only the slow tests (multi-process runs, remote code, benchmarks, loss-drop checks)
+	$(BIN)/python -m pytest -m slow
 
 test-all: install  ## everything, slow tests included
 	$(BIN)/python -m pytest -m "slow or not slow"
