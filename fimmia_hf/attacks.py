@@ -30,10 +30,12 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+from .data import table_column, table_columns
 
 __all__ = [
     "MIN_K_GRID",
@@ -60,29 +62,8 @@ RENYI_K_GRID: tuple[float, ...] = (0.0, 0.1, 0.5, 1.0)
 _EPS = 1e-12
 
 
-# ---------------------------------------------------------------------------------------------
-# column access (Dataset, pandas DataFrame or a mapping of columns)
-
-
-def _column_names(ds: Any) -> list[str]:
-    if hasattr(ds, "column_names"):
-        return list(ds.column_names)
-    if hasattr(ds, "columns"):
-        return [str(c) for c in ds.columns]
-    if isinstance(ds, Mapping):
-        return list(ds.keys())
-    raise TypeError(f"expected a datasets.Dataset, a pandas DataFrame or a mapping of columns, got {type(ds).__name__}")
-
-
-def _column(ds: Any, name: str) -> list[Any]:
-    values = ds[name]
-    if hasattr(values, "tolist"):
-        values = values.tolist()
-    return list(values)
-
-
 def _floats(ds: Any, name: str) -> np.ndarray:
-    values = _column(ds, name)
+    values = table_column(ds, name)
     out = np.empty(len(values), dtype=np.float64)
     for i, v in enumerate(values):
         if v is None:
@@ -93,7 +74,7 @@ def _floats(ds: Any, name: str) -> np.ndarray:
 
 def _token_lists(ds: Any, name: str) -> list[np.ndarray]:
     out = []
-    for i, v in enumerate(_column(ds, name)):
+    for i, v in enumerate(table_column(ds, name)):
         arr = np.asarray(v if v is not None else [], dtype=np.float64).reshape(-1)
         if arr.size == 0:
             raise ValueError(f"row {i}: column {name!r} has no answer tokens")
@@ -257,7 +238,7 @@ _REQUIREMENTS: dict[str, tuple[str, ...]] = {
 
 def missing_attacks(ds: Any) -> dict[str, str]:
     """Attack family -> why :func:`score_all` skips it on ``ds`` (empty when nothing is skipped)."""
-    cols = set(_column_names(ds))
+    cols = set(table_columns(ds))
     notes = {}
     for family, needed in _REQUIREMENTS.items():
         absent = [c for c in needed if c not in cols]
@@ -279,7 +260,7 @@ def available_attacks(
     ds: Any, *, k_grid: Sequence[float] = MIN_K_GRID, renyi_k_grid: Sequence[float] = RENYI_K_GRID
 ) -> list[str]:
     """Names of the scores :func:`score_all` will return for ``ds``, in order."""
-    cols = set(_column_names(ds))
+    cols = set(table_columns(ds))
     skipped = missing_attacks(ds)
     names: list[str] = []
     for family in _REQUIREMENTS:
@@ -307,7 +288,7 @@ def score_all(
     for k in list(k_grid) + list(renyi_k_grid):
         if not 0.0 <= k <= 1.0 or math.isnan(k):
             raise ValueError(f"k must lie in [0, 1], got {k}")
-    cols = set(_column_names(ds))
+    cols = set(table_columns(ds))
     skipped = missing_attacks(ds)
     scores: dict[str, np.ndarray] = {}
     loss = _floats(ds, "loss") if "loss" in cols else None
@@ -315,7 +296,7 @@ def score_all(
     if "loss" not in skipped:
         scores["loss"] = loss_attack(loss)
     if "zlib" not in skipped:
-        scores["zlib"] = zlib_attack(loss, (str(a) if a is not None else "" for a in _column(ds, "answer")))
+        scores["zlib"] = zlib_attack(loss, (str(a) if a is not None else "" for a in table_column(ds, "answer")))
     if "lowercase" not in skipped:
         scores["lowercase"] = lowercase_attack(loss, _floats(ds, "lowercase_loss"))
     if "min_k" not in skipped:
@@ -330,7 +311,7 @@ def score_all(
             for k in k_grid:
                 scores[f"min_k_pp_{_pct(k)}"] = min_k_plus_plus_attack(lp, mu, sd, k)
     if "neighborhood" not in skipped:
-        scores["neighborhood"] = neighborhood_attack(loss, _column(ds, "neighbor_losses"))
+        scores["neighborhood"] = neighborhood_attack(loss, table_column(ds, "neighbor_losses"))
     if "reference" not in skipped:
         scores["reference"] = reference_attack(loss, _floats(ds, "reference_loss"))
     for order, (col, to_entropy) in _renyi_sources(cols).items():

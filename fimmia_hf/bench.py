@@ -86,7 +86,7 @@ def _print_table(results: dict[str, Any]) -> None:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "stages", nargs="*", choices=[*STAGES, "e2e"], default=[],
+        "stages", nargs="*", metavar="stage",
         help="which benchmarks to run (default: all): score, neighbors, embed, e2e",
     )
     parser.add_argument("--samples", type=int, default=16, help="N for the end-to-end run (memory is measured at N and 4N)")
@@ -94,6 +94,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    unknown = sorted(set(args.stages) - {*STAGES, "e2e"})
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {', '.join([*STAGES, 'e2e'])}")
     results = run_all(args.stages or [*STAGES, "e2e"], n=args.samples, json_path=args.json)
     _print_table(results)
     return 0

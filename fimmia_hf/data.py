@@ -12,7 +12,7 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +56,10 @@ def read_table(path: str | os.PathLike) -> datasets.Dataset:
         raise SampleError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
     try:
+        if suffix == ".parquet":  # typed already: read as it is (feature columns stay list<float32>)
+            return datasets.Dataset.from_parquet(str(path))
         if suffix in _TABLE_SUFFIXES:  # strings throughout: answer "1" stays "1", "" stays ""
             frame = pd.read_csv(path, sep=_TABLE_SUFFIXES[suffix], dtype=str, keep_default_na=False)
-        elif suffix == ".parquet":
-            frame = pd.read_parquet(path)
         elif suffix in (".json", ".jsonl"):
             frame = pd.read_json(path, lines=suffix == ".jsonl", dtype=False, convert_dates=False)
         else:
@@ -225,6 +225,23 @@ def load_samples(
         _check_media(out, media, where)
     first = [c for c in ("sample_id", "input", "answer", "ds_name", media, "label") if c in out.column_names]
     return out.select_columns(first + [c for c in out.column_names if c not in first])
+
+
+def table_columns(table: Any) -> list[str]:
+    """Column names of a `datasets.Dataset`, a pandas DataFrame or a mapping of columns."""
+    if hasattr(table, "column_names"):
+        return list(table.column_names)
+    if hasattr(table, "columns"):
+        return [str(c) for c in table.columns]
+    if isinstance(table, Mapping):
+        return list(table.keys())
+    raise TypeError(f"expected a datasets.Dataset, a pandas DataFrame or a mapping of columns, got {type(table).__name__}")
+
+
+def table_column(table: Any, name: str) -> list[Any]:
+    """One column as a Python list, whatever kind of table holds it."""
+    values = table[name]
+    return list(values.tolist() if hasattr(values, "tolist") else values)
 
 
 def modality_of(ds: datasets.Dataset) -> str:

@@ -43,8 +43,10 @@ CONFIG_METADATA = ("target_model", "neighbor_model", "embedding_model", "media_e
 
 # --------------------------------------------------------------------------------------------- data loading
 def load_scored(source: Any) -> Any:
-    """A scored `datasets.Dataset` from a Dataset, a `save_to_disk` folder, or Parquet/JSON(L) file(s)."""
+    """A scored `datasets.Dataset` from a Dataset, a list of them, a `save_to_disk` folder or a table file."""
     import datasets
+
+    from .data import read_table
 
     if isinstance(source, datasets.Dataset):
         return source
@@ -52,20 +54,7 @@ def load_scored(source: Any) -> Any:
         raise ValueError(f"got a DatasetDict with splits {list(source)}; pass one split, e.g. ds['train']")
     if isinstance(source, (list, tuple)):
         return datasets.concatenate_datasets([load_scored(s) for s in source])
-    path = Path(source)
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            raise ValueError(f"{path} holds a DatasetDict with splits {list(loaded)}; pass {path}/<split>")
-        return loaded
-    if not path.exists():
-        raise FileNotFoundError(f"no scored dataset at {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return datasets.Dataset.from_parquet(str(path))
-    if suffix in (".json", ".jsonl"):
-        return datasets.Dataset.from_json(str(path))
-    raise ValueError(f"{path}: expected a save_to_disk folder or a .parquet/.json/.jsonl file of scored samples")
+    return read_table(source)
 
 
 def _first_dim(ds: Any, column: str) -> int:

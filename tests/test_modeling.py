@@ -15,15 +15,6 @@ from fimmia_hf.configuration_fimmia import FiMMIAConfig
 from fimmia_hf.modeling_fimmia import FiMMIAForMembershipInference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine is shared; oversubscribed intra-op threads make tiny matmuls 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _small(**kw) -> FiMMIAConfig:
     return FiMMIAConfig(**{"embedding_dim": 8, "projection_dim": 16, "hidden_sizes": [16, 8], **kw})
 

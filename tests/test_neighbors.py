@@ -33,17 +33,6 @@ LONG = " ".join(f"word{i} alpha beta gamma" for i in range(30))
 SEPARATORS = re.compile(r"\S+")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread when the CPU is shared."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def t5(tiny_model) -> str:
     return tiny_model("t5-infill")

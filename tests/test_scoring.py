@@ -138,7 +138,7 @@ def test_two_processes_shard_and_gather_in_order(tiny_model, synthetic_table, tm
     ds.to_json(str(data), lines=True, force_ascii=False)
     out = tmp_path / "scored"
     env = {**os.environ, "FIMMIA_HF_CACHE": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m", "fimmia_hf.scoring",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m", "fimmia_hf.cli", "score",
            "--data", str(data), "--model", tiny_model("text-lm"), "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -35,15 +35,6 @@ from fimmia_hf.training import (
 QUIET = dict(disable_tqdm=True, logging_strategy="no")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine is shared; oversubscribed intra-op threads make these tiny steps 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def split():
     ds = synthetic_features(240, k=4, dim=8, shift=1.0, seed=0)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from ..data import table_column, table_columns
 from .evaluation import SEARCH_PRESETS, BlindMethod, SearchSpace, classifier, cross_validate, fit_and_score
 from .text import bag_of_words_method, date_detection_method, greedy_ngrams_method, sample_text, text_vectorizer
 
@@ -61,23 +62,8 @@ class BlindTable:
         return frame
 
 
-def _column_names(ds: Any) -> list[str]:
-    if hasattr(ds, "column_names"):
-        return list(ds.column_names)
-    if hasattr(ds, "columns"):
-        return [str(c) for c in ds.columns]
-    if isinstance(ds, Mapping):
-        return list(ds.keys())
-    raise TypeError(f"expected a datasets.Dataset, a pandas DataFrame or a mapping of columns, got {type(ds).__name__}")
-
-
-def _column(ds: Any, name: str) -> list[Any]:
-    values = ds[name]
-    return list(values.tolist() if hasattr(values, "tolist") else values)
-
-
 def _modality(ds: Any, modality: str | None) -> str:
-    columns = _column_names(ds)
+    columns = table_columns(ds)
     if modality is None:
         return next((m for m in MEDIA_MODALITIES if m in columns), "text")
     if modality not in (*MEDIA_MODALITIES, "text"):
@@ -88,10 +74,10 @@ def _modality(ds: Any, modality: str | None) -> str:
 
 
 def _labels(ds: Any, where: str) -> np.ndarray:
-    if "label" not in _column_names(ds):
+    if "label" not in table_columns(ds):
         raise ValueError(f"{where}: blind baselines need a 'label' column (1 = member, 0 = non-member)")
     labels = []
-    for i, v in enumerate(_column(ds, "label")):
+    for i, v in enumerate(table_column(ds, "label")):
         if v is None or v not in (0, 1):
             raise ValueError(f"{where}: row {i + 1}: column 'label' must be 0 or 1, got {v!r}")
         labels.append(int(v))
@@ -102,17 +88,17 @@ def build_table(ds: Any, modality: str, *, progress: bool = True) -> BlindTable:
     """Texts and the fixed media descriptors of every sample of ``ds``."""
     from tqdm.auto import tqdm
 
-    columns = _column_names(ds)
+    columns = table_columns(ds)
     for needed in ("input", "answer"):
         if needed not in columns:
             raise ValueError(f"blind baselines need an {needed!r} column (columns: {', '.join(columns)})")
-    texts = np.asarray([sample_text(i, a) for i, a in zip(_column(ds, "input"), _column(ds, "answer"))], dtype=object)
+    texts = np.asarray([sample_text(i, a) for i, a in zip(table_column(ds, "input"), table_column(ds, "answer"))], dtype=object)
     if modality == "text":
         return BlindTable(texts)
 
     from ..media import MediaError, load_media
 
-    values = _column(ds, modality)
+    values = table_column(ds, modality)
     media, local = [], []
     for row, value in enumerate(tqdm(values, desc=f"{modality} features", disable=not progress, leave=False)):
         try:
@@ -197,7 +183,7 @@ def _metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
 
 
 def _groups(ds: Any) -> list[Any] | None:
-    return _column(ds, "sample_id") if "sample_id" in _column_names(ds) else None
+    return table_column(ds, "sample_id") if "sample_id" in table_columns(ds) else None
 
 
 def run_blind_baselines(
@@ -375,7 +361,7 @@ def run_shift(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"modality": _modality(ds, args.modality), "n": len(ds), "results": _jsonable(results)}
-        if "sample_id" in _column_names(test_ds if test_ds is not None else ds):
-            payload["sample_id"] = _column(test_ds if test_ds is not None else ds, "sample_id")
+        if "sample_id" in table_columns(test_ds if test_ds is not None else ds):
+            payload["sample_id"] = table_column(test_ds if test_ds is not None else ds, "sample_id")
         out.write_text(json.dumps(payload, indent=2))
     return results
