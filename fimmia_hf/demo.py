@@ -141,7 +141,7 @@ def _markdown_table(rows: list[dict[str, str]]) -> str:
 
 
 def demo(
-    out_dir: str | Path = "demo_output", *, modalities: tuple[str, ...] = MODALITIES, n: int = 64, pool: int = 48,
+    out_dir: str | Path = "demo_output", *, modalities: tuple[str, ...] = MODALITIES, n: int = 128, pool: int = 64,
     k: int = 8, seed: int = 0,
 ) -> dict[str, Any]:
     """Run the demo into `out_dir`; returns the summary (also written to `summary.md` / `summary.json`)."""
@@ -200,8 +200,8 @@ def demo(
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_output", help="folder for data, models, reports and the summary")
     parser.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES))
-    parser.add_argument("--samples", type=int, default=64, help="samples per modality (half of them members)")
-    parser.add_argument("--pool", type=int, default=48, help="disjoint samples that teach the base target the format")
+    parser.add_argument("--samples", type=int, default=128, help="samples per modality (half of them members)")
+    parser.add_argument("--pool", type=int, default=64, help="disjoint samples that teach the base target the format")
     parser.add_argument("--neighbors", type=int, default=8, help="K neighbours per sample")
     parser.add_argument("--seed", type=int, default=0)
 
