@@ -43,8 +43,18 @@ def end_to_end(n: int, workdir: str | Path, k: int = 8) -> dict[str, float]:
         "samples": n,
         "seconds": seconds,
         "samples_per_second": n / seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM starts afresh at exec, unlike `ru_maxrss`,
+    which a child inherits from the parent that forked it (so it would report the parent's peak)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _end_to_end_in_subprocess(n: int, workdir: Path) -> dict[str, float]:
