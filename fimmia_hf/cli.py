@@ -45,10 +45,34 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# commands that use every process `accelerate launch` starts (data-parallel training, sharded scoring)
+DISTRIBUTED = {"finetune", "score", "train"}
+
+
+def _relaunch_with_accelerate(argv: list[str]) -> int | None:
+    """As TRL's CLI does: where the user has an accelerate config (`accelerate config`), run a
+    distributed command through `accelerate launch -m fimmia_hf.cli ...`, so `fimmia-hf train` and
+    `accelerate launch -m fimmia_hf.cli train` behave the same. Returns None to run in-process."""
+    import os
+
+    if "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ:
+        return None  # already a launched process
+    from accelerate.commands.config import default_config_file
+
+    if not os.path.isfile(default_config_file):
+        return None  # no config: one process, exactly what `accelerate launch` would start
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    launch_command(launch_command_parser().parse_args(["-m", "fimmia_hf.cli", *argv]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    if args.command in DISTRIBUTED and (code := _relaunch_with_accelerate(argv)) is not None:
+        return code
     module = importlib.import_module(f"fimmia_hf.{COMMANDS[args.command][0]}")
     try:
         result = getattr(module, f"run_{args.command}")(args)

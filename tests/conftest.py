@@ -28,6 +28,14 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
     datasets.config.HF_DATASETS_CACHE = root / "datasets"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_accelerate_config(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """CLI tests run in-process even where the user has run `accelerate config`."""
+    import accelerate.commands.config
+
+    accelerate.commands.config.default_config_file = str(tmp_path_factory.mktemp("accelerate") / "none.yaml")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory):
     """`tiny_model(kind)` -> path of a tiny model folder, built once per session and kind."""

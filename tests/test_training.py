@@ -205,3 +205,29 @@ def test_two_process_accelerate_launch(tmp_path) -> None:
     assert results[0]["auc"] > 0.9
     loaded = FiMMIAForMembershipInference.from_pretrained(tmp_path / "out")
     assert loaded.config.card_data["training_args"]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_cli_train_uses_the_users_accelerate_config(tmp_path) -> None:
+    """Like TRL's CLI: with an accelerate config present, plain `fimmia-hf train` runs on every process it names."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    home = tmp_path / "hf"
+    (home / "accelerate").mkdir(parents=True)
+    (home / "accelerate" / "default_config.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\n"
+        f"machine_rank: 0\nmain_process_port: {port}\nmixed_precision: 'no'\nuse_cpu: false\ngpu_ids: all\n"
+        "rdzv_backend: static\nsame_network: true\nmain_training_function: main\n"
+    )
+    train, held_out = split_samples(synthetic_features(64, k=3, dim=8, shift=1.5), test_size=0.5, seed=0)
+    train.save_to_disk(str(tmp_path / "train"))
+    held_out.save_to_disk(str(tmp_path / "eval"))
+    env = {**os.environ, "HF_HOME": str(home), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [str(Path(sys.executable).with_name("fimmia-hf")), "train", "--train", str(tmp_path / "train"),
+           "--eval", str(tmp_path / "eval"), "--output-dir", str(tmp_path / "out"), "--num-train-epochs", "2",
+           "--training-args", '{"use_cpu": true, "disable_tqdm": true}']
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = FiMMIAForMembershipInference.from_pretrained(tmp_path / "out").config.card_data
+    assert card["training_args"]["world_size"] == 2
