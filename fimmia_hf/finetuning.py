@@ -267,7 +267,7 @@ def finetune(
     With `merge=True` merged full weights (+ processor) are also saved in `output_dir/merged`.
     """
     from peft import get_peft_model
-    from transformers import Trainer
+    from transformers import Trainer, set_seed
     from trl import SFTTrainer
 
     train_ds = _as_samples(train, modality)
@@ -293,6 +293,7 @@ def finetune(
     collator = ChatCollator(encoder, media, num_frames=num_frames)
     config = _training_config(str(output_dir), epochs, learning_rate, eval_ds is not None, training_args)
 
+    set_seed(config.seed)  # the adapters are initialised here, before the Trainer seeds anything
     peft_model = get_peft_model(base, lora_config(base, lora))
     if config.activation_checkpointing:
         peft_model.enable_input_require_grads()  # adapters after frozen embeddings still need a grad path

@@ -141,6 +141,20 @@ def test_cli_yaml_merge_and_scorer_accepts_output(tiny_model, synthetic_table, t
     assert all(np.isfinite(losses[0]))
 
 
+def test_same_seed_gives_the_same_adapter(tiny_model, synthetic_table, tmp_path):
+    """The adapters are initialised before the Trainer seeds anything: `seed` must cover them too."""
+    from safetensors.torch import load_file
+
+    data = load_samples(synthetic_table("text", n=4))
+    weights = []
+    for run in ("a", "b"):
+        out = finetune(tiny_model("text-lm"), data, output_dir=tmp_path / run, max_steps=2, activation_checkpointing=False,
+                       use_cpu=True, logging_steps=1000, seed=7)
+        weights.append(load_file(Path(out) / "adapter_model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_unknown_training_argument_is_rejected(tiny_model, synthetic_table, tmp_path):
     with pytest.raises(ValueError, match="unknown training argument"):
         finetune(tiny_model("text-lm"), synthetic_table("text", n=4), output_dir=tmp_path, no_such_option=1)
