@@ -402,7 +402,13 @@ def train_tokenizer(family: str, *, vocab_size: int = 2000) -> Any:
     else:
         # T5 layout: the sentinels close the vocabulary in reverse order (<extra_id_0> is the last id).
         extra_ids = kwargs.get("extra_ids", 0)
-        vocab = [tuple(v) for v in model["vocab"]] + [(f"<extra_id_{i}>", 0.0) for i in reversed(range(extra_ids))]
+        # The Unigram trainer is not deterministic (parallel EM: scores differ in the last bits, and the
+        # fallback characters get their scores in hash order). Coarsely rounded scores in a fixed order make
+        # every build, and so every neighbour made with it, the same.
+        n_special = len(spec.core)
+        pieces = [(piece, round(score, 2)) for piece, score in model["vocab"]]
+        vocab = pieces[:n_special] + sorted(pieces[n_special:], key=lambda p: (-p[1], p[0]))
+        vocab += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(extra_ids))]
         tok = cls(vocab=vocab, **kwargs)
     if spec.extra:
         tok.add_special_tokens({"additional_special_tokens": list(spec.extra)})
