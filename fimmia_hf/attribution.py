@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .metrics import json_safe
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("integrated_gradients", "saliency", "input_x_gradient")
@@ -94,7 +96,7 @@ class AttributionResult:
         self.out_dir = out
         self.files = {k: str(v) for k, v in files.items()}
         self.summary["files"] = dict(self.files)
-        files["summary"].write_text(json.dumps(_jsonable(self.summary), indent=2), encoding="utf-8")
+        files["summary"].write_text(json.dumps(json_safe(self.summary), indent=2), encoding="utf-8")
         return dict(self.files)
 
     def _label_names(self) -> dict[str, str]:
@@ -109,18 +111,6 @@ def _stem(summary: Mapping[str, Any]) -> str:
         + (f"_{baseline}" if baseline not in (None, "zeros") else "")
         + ("_smoothgrad" if summary.get("noise_tunnel") else "")
     )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # --------------------------------------------------------------------------------------------- inputs

@@ -269,9 +269,24 @@ def plot_roc(
     return out
 
 
+def json_safe(value: Any) -> Any:
+    """Metrics as plain JSON: str keys, lists for arrays, Python scalars, None for NaN and infinities."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def evaluate_module_path() -> str:
     """Path of the bundled ``evaluate`` metric script: ``evaluate.load(evaluate_module_path())`` works offline."""
     return str(Path(__file__).parent / "metrics_module" / "membership_metrics.py")
 
 
-__all__ = ["FPR_AT_TPR_KEY", "evaluate_module_path", "fpr_key", "membership_metrics", "plot_roc", "roc_curve_exact"]
+__all__ = ["FPR_AT_TPR_KEY", "evaluate_module_path", "fpr_key", "json_safe", "membership_metrics", "plot_roc", "roc_curve_exact"]

@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 
 from . import attacks, shift
-from .metrics import membership_metrics, plot_roc
+from .metrics import json_safe, membership_metrics, plot_roc
 
 SHIFT_WARNING_AUC = 0.6
 _SUMMARY_KEYS = ("auc", "tpr@0.1%fpr", "tpr@1%fpr", "tpr@5%fpr", "fpr@95%tpr")
@@ -36,18 +36,6 @@ def _table(rows: list[tuple[str, str, Mapping[str, Any]]]) -> str:
     head = "| method | kind | AUC [95% CI] | TPR@0.1%FPR | TPR@1%FPR | TPR@5%FPR | FPR@95%TPR |\n|---|---|---|---|---|---|---|"
     lines = [f"| {name} | {kind} | " + " | ".join(_fmt(m, k) for k in _SUMMARY_KEYS) + " |" for name, kind, m in rows]
     return "\n".join([head, *lines])
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items() if k != "scores"}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def build_report(
@@ -143,7 +131,8 @@ def build_report(
         "notes": notes or [],
         "roc_plot": "roc.png",
     }
-    (out_dir / "report.json").write_text(json.dumps(_jsonable(report), indent=2, ensure_ascii=False))
+    saved = {**report, "methods": {n: {k: v for k, v in m.items() if k != "scores"} for n, m in methods.items()}}
+    (out_dir / "report.json").write_text(json.dumps(json_safe(saved), indent=2, ensure_ascii=False))
     (out_dir / "report.md").write_text(_markdown(report, methods, detectors, classic, blind_names))
     return report
 

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -501,21 +500,9 @@ def run_train(args: argparse.Namespace) -> Path:
     return Path(cfg.output_dir)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def run_predict(args: argparse.Namespace) -> dict[str, Any]:
     """``fimmia-hf predict``: writes predictions (Parquet or CSV) and a metrics JSON; returns the metrics."""
-    from .metrics import membership_metrics
+    from .metrics import json_safe, membership_metrics
 
     cfg = _resolve(PredictConfig, args)
     if not cfg.model or not cfg.output:
@@ -551,7 +538,7 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
     else:
         report["metrics_error"] = "no labels: metrics need a 'label' column"
     metrics_path = Path(cfg.metrics) if cfg.metrics else out.with_name(out.stem + ".metrics.json")
-    metrics_path.write_text(json.dumps(_jsonable(report), indent=2), encoding="utf-8")
+    metrics_path.write_text(json.dumps(json_safe(report), indent=2), encoding="utf-8")
     print(f"predictions: {out}\nmetrics: {metrics_path}")
     return report
 

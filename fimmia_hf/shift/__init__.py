@@ -15,7 +15,7 @@ import argparse
 import json
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..data import table_column, table_columns
+from ..metrics import json_safe
 from .evaluation import SEARCH_PRESETS, BlindMethod, SearchSpace, classifier, cross_validate, fit_and_score
 from .text import bag_of_words_method, date_detection_method, greedy_ngrams_method, sample_text, text_vectorizer
 
@@ -317,20 +318,6 @@ def add_shift_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value.tolist()]
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def run_shift(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """``fimmia-hf shift``: load, run the blind baselines, print a table, optionally write JSON."""
     from ..data import load_samples
@@ -360,7 +347,7 @@ def run_shift(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"modality": _modality(ds, args.modality), "n": len(ds), "results": _jsonable(results)}
+        payload = {"modality": _modality(ds, args.modality), "n": len(ds), "results": json_safe(results)}
         if "sample_id" in table_columns(test_ds if test_ds is not None else ds):
             payload["sample_id"] = table_column(test_ds if test_ds is not None else ds, "sample_id")
         out.write_text(json.dumps(payload, indent=2))
