@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -62,18 +63,25 @@ def test_batch_size_padding_side_and_prefix_reuse_do_not_change_scores(loaded, s
     from fimmia_hf.media import load_image
 
     image = load_image(row["image"])
-    texts = [row["input"], row["input"] + " Think.", "Short? <image>", row["input"].replace("A.", "A)")]
-    runs = []
+    # changes after the media (reuse covers it), before it, none (a duplicate of the original), twice the same
+    texts = [row["input"], row["input"] + " Think.", "Short? <image>", row["input"].replace("A.", "A)"), row["input"], "Short? <image>"]
+    runs, tokens = [], {}
     for side in ("left", "right"):
         processor.tokenizer.padding_side = side
         encodings = ChatEncoder(processor).encode_variants([(t, row["answer"]) for t in texts], image, "image")
         for batch_size in (1, 3, 8):
             for reuse in (True, False):
-                stats = ScoringEngine(model, batch_size=batch_size, prefix_reuse=reuse).score(encodings)
+                engine = ScoringEngine(model, batch_size=batch_size, prefix_reuse=reuse)
+                stats = engine.score(encodings)
                 runs.append([s["logprobs"] + s["std_logprob"] for s in stats])
+                tokens[reuse] = engine.tokens_run
     for run in runs[1:]:
         for got, ref in zip(run, runs[0]):
             assert got == pytest.approx(ref, abs=1e-4)
+    full = sum(len(e.input_ids) for e in encodings)
+    # duplicates run once, tokens after the answer never run, and with reuse the variants changed
+    # after the media run only their changed tails
+    assert tokens[False] < full * 0.75 and tokens[True] < tokens[False] * 0.6
 
 
 def test_only_answer_tokens_are_scored_and_the_answer_matters(loaded):
@@ -146,3 +154,14 @@ def test_two_processes_shard_and_gather_in_order(tiny_model, synthetic_table, tm
     single = TargetScorer(tiny_model("text-lm")).apply(load_samples(data), cache_dir=tmp_path / "single")
     assert gathered["sample_id"] == single["sample_id"]
     assert gathered["loss"] == pytest.approx(single["loss"], abs=1e-5)
+
+
+def test_benchmark_writes_ratios_for_each_layout_with_equal_scores(tmp_path):
+    from fimmia_hf.scoring import benchmark
+
+    result = benchmark(n_samples=1, k=4, json_path=tmp_path / "bench.json", size="tiny", image_size=(112, 112))
+    assert json.loads((tmp_path / "bench.json").read_text()) == result
+    assert result["max_abs_diff"] < 1e-4 and result["items"] == 5
+    # with the media first, every neighbour reuses the cached media and header: fewer positions run
+    assert result["token_ratio_media_first"] > result["token_ratio_media_last"] > 1
+    assert result["speedup"] > 0  # the wall-time ratio is a benchmark figure, not asserted
