@@ -660,8 +660,9 @@ def benchmark(
 ) -> dict[str, Any]:
     """This scorer vs the original's way (one forward per item, batch 1, media re-encoded each time).
 
-    Builds the `size` image-text model and synthetic image samples (resized to `image_size`, as
-    benchmark photos are) with `k` word-perturbed neighbours and scores them both ways in three prompt
+    Builds the `size` image-text model and synthetic image samples (resized to `image_size`; the
+    default is CLEVR's 480x320, as in MERA's ruCLEVR: 187 image tokens at Qwen2.5-VL's own pixel
+    limit) with `k` word-perturbed neighbours and scores them both ways in three prompt
     layouts: MERA's (the headline `speedup`), media first (the whole prompt after the media: the
     most prefix to share) and media last (the original's video and audio layout: every perturbed
     word comes before the media, so the media tokens run again for each neighbour). Returns the
