@@ -89,14 +89,9 @@ def build_report(
     blind_names = [n for n, m in methods.items() if m["kind"] == "blind baseline"]
     best_blind = max(blind_names, key=lambda n: methods[n]["auc"], default=None)
     warnings: list[str] = []
-    shifted = [n for n in blind_names if methods[n]["auc"] >= SHIFT_WARNING_AUC]
-    if shifted:
-        listed = ", ".join(f"{n} {methods[n]['auc']:.3f}" for n in shifted)
-        warnings.append(
-            f"DISTRIBUTION SHIFT: {len(shifted)} blind baseline(s) reach AUC >= {SHIFT_WARNING_AUC} without querying the "
-            f"model ({listed}). Members and non-members differ in "
-            "ways visible without the model; membership claims from this split are not supported."
-        )
+    shift_warning = _shift_warning(methods, blind_names)
+    if shift_warning:
+        warnings.append(shift_warning)
     sanity = methods.get(f"blind: {shift.PERMUTED}")
     if sanity is not None and not sanity["auc_ci"][0] <= 0.5 <= sanity["auc_ci"][1]:
         warnings.append(
@@ -135,6 +130,22 @@ def build_report(
     (out_dir / "report.json").write_text(json.dumps(json_safe(saved), indent=2, ensure_ascii=False))
     (out_dir / "report.md").write_text(_markdown(report, methods, detectors, classic, blind_names))
     return report
+
+
+def _shift_warning(methods: dict, blind_names: list[str]) -> str | None:
+    """The distribution-shift warning, with each flagged baseline's interval and whether chance explains it."""
+    shifted = [n for n in blind_names if methods[n]["auc"] >= SHIFT_WARNING_AUC]
+    if not shifted:
+        return None
+    listed = ", ".join(f"{n} {methods[n]['auc']:.3f} [{methods[n]['auc_ci'][0]:.2f}, {methods[n]['auc_ci'][1]:.2f}]" for n in shifted)
+    warning = (
+        f"DISTRIBUTION SHIFT: {len(shifted)} blind baseline(s) reach AUC >= {SHIFT_WARNING_AUC} without querying the "
+        f"model ({listed}). Members and non-members differ in ways visible without the model; membership claims "
+        "from this split are not supported."
+    )
+    if all(methods[n]["auc_ci"][0] <= 0.5 for n in shifted):
+        warning += " Every flagged interval includes 0.5: with this few samples it may be chance; a larger split tells."
+    return warning
 
 
 def _markdown(report: dict, methods: dict, detectors: list[str], classic: list[str], blind_names: list[str]) -> str:

@@ -50,8 +50,18 @@ def test_report_warns_only_when_blind_baselines_separate_the_split(synthetic_tab
     blind_aucs = {n: m["auc"] for n, m in saved["methods"].items() if m["kind"] == "blind baseline"}
     if shifted:
         assert blind_aucs["blind: date_detection"] > 0.9
-        assert "**WARNING** DISTRIBUTION SHIFT" in md
+        assert "**WARNING** DISTRIBUTION SHIFT" in md and "may be chance" not in md  # its interval excludes 0.5
     else:
         assert all(abs(a - 0.5) <= 0.15 for a in blind_aucs.values()), blind_aucs
         assert "DISTRIBUTION SHIFT" not in md
     assert "| FiMMIA | detector |" in md and "Lift of FiMMIA" in md
+
+
+def test_shift_warning_says_when_its_interval_includes_chance() -> None:
+    from fimmia_hf.report import _shift_warning
+
+    chance = {"blind: video_features": {"auc": 0.615, "auc_ci": [0.48, 0.76]}}
+    clear = {"blind: date_detection": {"auc": 0.95, "auc_ci": [0.90, 0.99]}}
+    assert "[0.48, 0.76]" in _shift_warning(chance, list(chance)) and "may be chance" in _shift_warning(chance, list(chance))
+    assert "may be chance" not in _shift_warning({**chance, **clear}, [*chance, *clear])
+    assert _shift_warning({"blind: x": {"auc": 0.55, "auc_ci": [0.4, 0.7]}}, ["blind: x"]) is None
