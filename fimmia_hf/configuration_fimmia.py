@@ -4,10 +4,12 @@ Self-contained on purpose (imports only `transformers`): this file is copied nex
 doubles as Hub remote code.
 
 Everything a model card or the `membership-inference` pipeline needs later lives here: the component model
-ids (target, neighbour generator, embedders), the number of neighbours, the protocol, the decision threshold
-and the loss-normalisation statistics (a true standard deviation, unlike the original's variance).
+ids (target, neighbour generator, embedders) and the settings their stages ran with, the number of neighbours,
+the protocol, the decision threshold and the loss-normalisation statistics (a true standard deviation, unlike
+the original's variance).
 """
 
+import json
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -15,6 +17,7 @@ from transformers import PreTrainedConfig
 HEADS = ("fimmia", "loss_only", "embedding_only")
 LOSS_NORMS = ("none", "std", "minmax", "periodic")
 PROTOCOLS = ("paired", "member")
+STAGE_SETTINGS = ("neighbor_kwargs", "embedding_kwargs", "media_embedding_kwargs", "scorer_kwargs")
 
 
 class FiMMIAConfig(PreTrainedConfig):
@@ -34,6 +37,9 @@ class FiMMIAConfig(PreTrainedConfig):
         num_neighbors, modality, protocol (``paired`` base-vs-fine-tuned or ``member`` member/non-member;
         None = unknown, set by training from the data), target_model, neighbor_model, embedding_model,
         media_embedding_model, threshold (score > threshold ⇒ "member"), card_data (filled by training).
+        neighbor_kwargs / embedding_kwargs / media_embedding_kwargs / scorer_kwargs: the settings the training
+            features were made with (e.g. ``{"ops": ["delete", "fill"], "seed": 3}``); the pipeline starts from
+            them, so a detector from the Hub computes its features as it was trained (JSON values only).
     """
 
     model_type = "fimmia"
@@ -57,11 +63,19 @@ class FiMMIAConfig(PreTrainedConfig):
     neighbor_model: str | None = None
     embedding_model: str | None = None
     media_embedding_model: str | None = None
+    neighbor_kwargs: dict[str, Any] | None = None
+    embedding_kwargs: dict[str, Any] | None = None
+    media_embedding_kwargs: dict[str, Any] | None = None
+    scorer_kwargs: dict[str, Any] | None = None
     threshold: float = 0.5
     card_data: dict[str, Any] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.hidden_sizes = [int(h) for h in self.hidden_sizes]
+        for name in STAGE_SETTINGS:  # tuples become lists now rather than after a save and reload
+            value = getattr(self, name)
+            if isinstance(value, dict) and _is_json(value):
+                setattr(self, name, json.loads(json.dumps(value)))
         if self.id2label is None:
             self.id2label = {0: "non-member", 1: "member"}
             self.label2id = {"non-member": 0, "member": 1}
@@ -87,6 +101,10 @@ class FiMMIAConfig(PreTrainedConfig):
             raise ValueError("projection_dim must be even for loss_norm='periodic' (cos and sin halves)")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        for name in STAGE_SETTINGS:
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, dict) and _is_json(value)):
+                raise ValueError(f"{name} must be a dict of JSON values (it is saved in config.json), got {value!r}")
 
     def set_normalization(self, stats: dict[str, float]) -> None:
         """Store statistics from :func:`fimmia_hf.features.fit_normalization` (keys ``loss_mean``, ``loss_std``,
@@ -116,3 +134,11 @@ __all__ = ["FiMMIAConfig"]
 
 
 FiMMIAConfig.register_for_auto_class()  # saved detectors carry this file: `trust_remote_code=True` works anywhere
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True

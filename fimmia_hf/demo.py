@@ -88,6 +88,7 @@ def run_modality(modality: str, out: Path, *, n: int, pool: int, k: int, seed: i
     config = {
         "modality": modality, "target_model": finetuned, "neighbor_model": models["t5-infill"],
         "embedding_model": models["text-encoder"], "media_embedding_model": models[MEDIA_ENCODER_KIND[modality]],
+        "neighbor_kwargs": {"seed": seed},
     }
     protocols = {
         "member / non-member": ft_scored,

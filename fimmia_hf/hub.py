@@ -170,6 +170,8 @@ def render_model_card(model: Any, repo_id: str, metrics: Mapping[str, Any] | Non
     """The detector's `huggingface_hub.ModelCard` (YAML metadata with model-index + the Markdown body)."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from .configuration_fimmia import STAGE_SETTINGS
+
     cfg = model.config
     card = dict(getattr(cfg, "card_data", None) or {})
     norm = normalize_metrics(metrics, card)
@@ -195,6 +197,7 @@ def render_model_card(model: Any, repo_id: str, metrics: Mapping[str, Any] | Non
         neighbor_model=_describe_component(getattr(cfg, "neighbor_model", None)),
         embedding_model=_describe_component(getattr(cfg, "embedding_model", None)),
         media_embedding_model=_describe_component(getattr(cfg, "media_embedding_model", None)),
+        stage_settings={k: json.dumps(v, ensure_ascii=False) for k in STAGE_SETTINGS if (v := getattr(cfg, k, None))},
         num_neighbors=getattr(cfg, "num_neighbors", None), threshold=cfg.threshold, head=cfg.head,
         loss_norm=cfg.loss_norm, embedding_dim=cfg.embedding_dim, media_embedding_dim=cfg.media_embedding_dim,
         uses_embeddings=cfg.uses_embeddings, uses_media=cfg.uses_media,

@@ -37,6 +37,8 @@ DELTA_OUTPUTS = ("loss_delta", "embedding_delta", "media_delta", "neighbor_mask"
 MEDIA_KEYS = ("image", "audio", "video")
 _FREE_OPS = ("delete", "duplicate", "swap")  # neighbour operations that need no fill model
 _OPTIONS = {"target": "target_model", "embedding": "embedding_model", "media_embedding": "media_embedding_model"}
+_SETTINGS = {"neighbor": "neighbor_kwargs", "embedding": "embedding_kwargs", "media_embedding": "media_embedding_kwargs",
+             "target": "scorer_kwargs"}  # config fields holding each stage's training-time settings
 
 
 def _fimmia(module: str) -> Any:
@@ -68,7 +70,7 @@ class MembershipInferencePipeline(Pipeline):
 
     Extra constructor options: ``target_processor``; ``num_neighbors`` (default: the config's K);
     ``neighbor_kwargs``, ``embedding_kwargs``, ``media_embedding_kwargs``, ``scorer_kwargs`` (passed to the stage
-    constructors); ``cache_dir`` (stage cache; default a temporary folder that lives as long as the pipeline).
+    constructors, over the settings of the same names stored in the detector's config at training); ``cache_dir`` (stage cache; default a temporary folder that lives as long as the pipeline).
     """
 
     _load_processor = False
@@ -106,11 +108,11 @@ class MembershipInferencePipeline(Pipeline):
         }
         self.target_processor = target_processor
         self.num_neighbors = int(num_neighbors or getattr(cfg, "num_neighbors", None) or 24)
+        given = {"neighbor": neighbor_kwargs, "embedding": embedding_kwargs,
+                 "media_embedding": media_embedding_kwargs, "target": scorer_kwargs}
+        # the settings the detector was trained with, overridden by the caller's
         self.stage_kwargs = {
-            "neighbor": dict(neighbor_kwargs or {}),
-            "embedding": dict(embedding_kwargs or {}),
-            "media_embedding": dict(media_embedding_kwargs or {}),
-            "target": dict(scorer_kwargs or {}),
+            role: {**(getattr(cfg, _SETTINGS[role], None) or {}), **(kwargs or {})} for role, kwargs in given.items()
         }
         if cache_dir is None:
             cache_dir = tempfile.mkdtemp(prefix="fimmia-pipeline-")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .configuration_fimmia import FiMMIAConfig
+from .configuration_fimmia import STAGE_SETTINGS, FiMMIAConfig
 from .features import (
     EMBEDDING_COLUMNS,
     FEATURE_COLUMNS,
@@ -37,7 +37,7 @@ from .features import (
 
 logger = logging.getLogger(__name__)
 
-CONFIG_METADATA = ("target_model", "neighbor_model", "embedding_model", "media_embedding_model", "modality")
+CONFIG_METADATA = ("target_model", "neighbor_model", "embedding_model", "media_embedding_model", "modality", *STAGE_SETTINGS)
 
 
 # --------------------------------------------------------------------------------------------- data loading
@@ -366,6 +366,10 @@ class TrainConfig:
     embedding_model: str | None = None
     media_embedding_model: str | None = None
     modality: str | None = None
+    neighbor_kwargs: dict | None = None
+    embedding_kwargs: dict | None = None
+    media_embedding_kwargs: dict | None = None
+    scorer_kwargs: dict | None = None
     threshold: float = 0.5
     training_args: dict = dataclasses.field(default_factory=dict)
 
@@ -397,6 +401,11 @@ _HELP = {
     "head": "fimmia | loss_only | embedding_only (blind control)",
     "loss_norm": "none | std | minmax | periodic",
     "training_args": "extra transformers.TrainingArguments as JSON, e.g. '{\"optim\": \"adafactor\"}'",
+    "neighbor_kwargs": "the neighbour settings the features were made with, as JSON (e.g. '{\"seed\": 3}'); "
+    "stored in the detector so the pipeline makes its neighbours the same way",
+    "embedding_kwargs": "the text-embedding settings the features were made with, as JSON (stored for the pipeline)",
+    "media_embedding_kwargs": "the media-embedding settings the features were made with, as JSON (stored for the pipeline)",
+    "scorer_kwargs": "the scoring settings the losses were made with, as JSON (e.g. '{\"include_closing_tokens\": true}')",
     "model": "detector folder or Hub id",
     "data": "scored samples to predict (save_to_disk folder or .parquet)",
     "base": "paired protocol: samples scored by the base model",

@@ -63,7 +63,7 @@ def _detector(media: bool = False) -> FiMMIAForMembershipInference:
         embedding_dim=8, media_embedding_dim=4 if media else 0, projection_dim=16, hidden_sizes=[16, 8],
         num_neighbors=4, modality="image", target_model="Qwen/Qwen2.5-VL-3B-Instruct",
         neighbor_model="ai-forever/FRED-T5-1.7B", embedding_model="intfloat/e5-mistral-7b-instruct",
-        loss_mean=0.2, loss_std=0.5,
+        loss_mean=0.2, loss_std=0.5, neighbor_kwargs={"mask_ratio": 0.2, "seed": 3},
         card_data={"n_rows": 64, "n_members": 32, "n_nonmembers": 32, "n_samples": 64,
                    "ds_names": {"synthetic_a": 32, "synthetic_b": 32},
                    "neighbors_per_sample": {"min": 4, "max": 4, "mean": 4.0},
@@ -111,6 +111,7 @@ def test_model_card_matches_expected_pattern() -> None:
     card = render_model_card(_detector(), "me/fimmia-demo", METRICS)
     text = str(card)
     assert CARD_PATTERN.match(text), text
+    assert '`neighbor_kwargs={"mask_ratio": 0.2, "seed": 3}`' in text  # how to make the neighbours again
     results = card.data.eval_results
     assert [r.metric_type for r in results] == ["auc", "tpr@0.1%fpr", "tpr@1%fpr", "tpr@5%fpr", "fpr@95%tpr"]
     assert results[0].metric_value == pytest.approx(0.934)

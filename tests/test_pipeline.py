@@ -156,3 +156,17 @@ def test_remote_code_without_the_package(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
                           cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]
+
+
+def test_stage_settings_stored_at_training_are_the_pipeline_defaults(detector_dir: str, tmp_path: Path) -> None:
+    detector = FiMMIAForMembershipInference.from_pretrained(detector_dir)
+    detector.config.neighbor_kwargs = {"ops": ["delete"], "seed": 7}
+    detector.config.scorer_kwargs = {"include_closing_tokens": True}
+    detector.save_pretrained(tmp_path / "det")
+    pipe = pipeline("membership-inference", model=str(tmp_path / "det"), device="cpu")
+    neighbors, scorer = pipe._stage("neighbor"), pipe._stage("target")
+    assert tuple(neighbors.ops) == ("delete",) and neighbors.seed == 7 and scorer.include_closing_tokens
+    pipe = pipeline("membership-inference", model=str(tmp_path / "det"), device="cpu", neighbor_kwargs={"seed": 1})
+    assert tuple(pipe._stage("neighbor").ops) == ("delete",) and pipe._stage("neighbor").seed == 1  # the caller wins
+    with pytest.raises(ValueError, match="neighbor_kwargs must be a dict of JSON values"):
+        FiMMIAConfig(neighbor_kwargs={"protected": {"<image>"}})

@@ -138,10 +138,11 @@ def test_cli_train_and_predict_paired(tmp_path) -> None:
     """))
     parser = add_train_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--config", str(tmp_path / "train.yaml"), "--output-dir", str(tmp_path / "det"),
-                              "--num-train-epochs", "3"])
+                              "--num-train-epochs", "3", "--neighbor-kwargs", '{"ops": ["delete"], "seed": 3}'])
     out = run_train(args)
     config = json.loads((out / "config.json").read_text())
     assert config["protocol"] == "paired" and config["target_model"] == "org/base-vlm"
+    assert config["neighbor_kwargs"] == {"ops": ["delete"], "seed": 3}  # for the pipeline to make neighbours alike
     assert config["card_data"]["epochs"] == pytest.approx(3.0)  # the command line wins over the YAML
 
     for suffix in (".parquet", ".csv"):
