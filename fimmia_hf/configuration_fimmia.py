@@ -20,6 +20,14 @@ PROTOCOLS = ("paired", "member")
 STAGE_SETTINGS = ("neighbor_kwargs", "embedding_kwargs", "media_embedding_kwargs", "scorer_kwargs")
 
 
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 class FiMMIAConfig(PreTrainedConfig):
     """Configuration of :class:`FiMMIAForMembershipInference`.
 
@@ -134,11 +142,3 @@ __all__ = ["FiMMIAConfig"]
 
 
 FiMMIAConfig.register_for_auto_class()  # saved detectors carry this file: `trust_remote_code=True` works anywhere
-
-
-def _is_json(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True

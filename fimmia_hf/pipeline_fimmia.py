@@ -70,7 +70,8 @@ class MembershipInferencePipeline(Pipeline):
 
     Extra constructor options: ``target_processor``; ``num_neighbors`` (default: the config's K);
     ``neighbor_kwargs``, ``embedding_kwargs``, ``media_embedding_kwargs``, ``scorer_kwargs`` (passed to the stage
-    constructors, over the settings of the same names stored in the detector's config at training); ``cache_dir`` (stage cache; default a temporary folder that lives as long as the pipeline).
+    constructors, over the settings of the same names stored in the detector's config at training);
+    ``cache_dir`` (stage cache; default a temporary folder that lives as long as the pipeline).
     """
 
     _load_processor = False
