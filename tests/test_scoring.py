@@ -40,7 +40,8 @@ def loaded(tiny_model):
 def test_scores_equal_plain_forward_for_every_kind(modality, loaded, synthetic_table, tmp_path):
     model, processor = loaded(KINDS[modality])
     ds = _with_neighbors(load_samples(synthetic_table(modality, 2)))
-    out = TargetScorer(model, processor=processor, batch_size=2, token_stats="all").apply(ds, cache_dir=tmp_path)
+    fast = TargetScorer(model, processor=processor, batch_size=2, token_stats="all")
+    out = fast.apply(ds, cache_dir=tmp_path)
     media = None if modality == "text" else modality
     scorer = TargetScorer(model, processor=processor)
     _, encoder = scorer.load()
@@ -55,6 +56,9 @@ def test_scores_equal_plain_forward_for_every_kind(modality, loaded, synthetic_t
         assert len(row["token_mean_logprob"]) == len(row["token_logprobs"]) >= 1
         assert row["token_entropy"] == pytest.approx([-m for m in row["token_mean_logprob"]])
         assert all(m <= 0 and s >= 0 for m, s in zip(row["token_max_logprob"], row["token_std_logprob"]))
+    full = sum(len(encoder.encode(t, r["answer"], encoder.load_media(media, r.get(modality)), media).input_ids)
+               for r in out for t in [r["input"], *r["neighbors"]])
+    assert fast.load()[0].tokens_run < 0.85 * full  # the neighbour changed after the media reused the cache
 
 
 def test_batch_size_padding_side_and_prefix_reuse_do_not_change_scores(loaded, synthetic_table):
