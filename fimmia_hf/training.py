@@ -416,6 +416,17 @@ _HELP = {
 }
 
 
+def _json_object(text: str) -> dict:
+    """A JSON object given on the command line, with a message that says what is wrong."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"seed\": 3}}', got {text!r}")
+    return value
+
+
 def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--flag`` per field, all defaulting to None so that YAML values apply unless given on the line."""
     parser.add_argument("--config", default=None, help="YAML file with any of the arguments below")
@@ -423,7 +434,7 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None
         flag = "--" + field.name.replace("_", "-")
         kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
         if "dict" in kind:
-            parse: Any = json.loads
+            parse: Any = _json_object
         elif "float" in kind:
             parse = float
         elif "int" in kind:

@@ -160,7 +160,11 @@ def test_cli_train_and_predict_paired(tmp_path) -> None:
         assert set(saved["metrics"]["groups"]) == {"synthetic_a", "synthetic_b"}
 
 
-def test_cli_rejects_bad_configuration(tmp_path) -> None:
+def test_cli_rejects_bad_configuration(tmp_path, capsys) -> None:
+    for text, message in (("{seed: 3}", "not valid JSON"), ('["seed"]', "expected a JSON object")):
+        with pytest.raises(SystemExit):
+            add_train_arguments(argparse.ArgumentParser()).parse_args(["--neighbor-kwargs", text])
+        assert f"argument --neighbor-kwargs: {message}" in capsys.readouterr().err
     (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n")
     args = add_train_arguments(argparse.ArgumentParser()).parse_args(["--config", str(tmp_path / "bad.yaml")])
     with pytest.raises(ValueError, match="unknown keys"):
