@@ -19,7 +19,9 @@ from typing import Any
 import datasets
 import numpy as np
 
-from .media import MEDIA_COLUMNS, MediaError, load_media
+from .columns import MEDIA_COLUMNS
+from .media import MediaError, load_media
+from .stage import default_cache_dir, discard_if_damaged
 
 REQUIRED_COLUMNS = ("input", "answer")
 MODALITIES = (*MEDIA_COLUMNS, "text")
@@ -217,7 +219,7 @@ def load_samples(
         raise SampleError(_rows_message(where, "sample_id", "duplicate samples", duplicates))
     updates["sample_id"] = ids
 
-    rest = ds.flatten_indices().remove_columns([c for c in updates if c in columns])
+    rest = _own_copy(ds).remove_columns([c for c in updates if c in columns])
     out = datasets.Dataset.from_dict(updates)
     if rest.column_names:
         out = datasets.concatenate_datasets([out, rest], axis=1)
@@ -225,6 +227,22 @@ def load_samples(
         _check_media(out, media, where)
     first = [c for c in ("sample_id", "input", "answer", "ds_name", media, "label") if c in out.column_names]
     return out.select_columns(first + [c for c in out.column_names if c not in first])
+
+
+def _own_copy(ds: datasets.Dataset) -> datasets.Dataset:
+    """`ds` in table order, held in memory or, when it is backed by files, copied into our cache.
+
+    `datasets` writes a transform's cache file next to the dataset's own files, so a dataset read
+    from the user's `save_to_disk` folder would get `cache-*.arrow` files written into that folder by
+    the first `map` or `flatten_indices`; the copy makes every later write land in our cache.
+    """
+    if not ds.cache_files:
+        return ds.flatten_indices(keep_in_memory=True) if ds._indices is not None else ds
+    folder = default_cache_dir() / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds._fingerprint}.arrow"
+    discard_if_damaged(path, len(ds))
+    return ds.flatten_indices(cache_file_name=str(path))
 
 
 def table_columns(table: Any) -> list[str]:
