@@ -90,17 +90,9 @@ def test_whitespace_and_line_breaks_kept(t5, tmp_path):
 def test_same_neighbours_in_another_process_and_batch(t5, tmp_path):
     texts = [PROMPT, LONG, "one two three four five six seven"]
     rows = {"input": texts, "sample_id": ["a", "b", "c"]}
-
-    def neighbours(rows: dict, cache: str, **settings) -> list[list[str]]:
-        generator = NeighborGenerator(**{"model": t5, "num_neighbors": 8, "seed": 7, **settings})
-        return list(generator.apply(datasets.Dataset.from_dict(rows), cache_dir=tmp_path / cache)["neighbors"])
-
-    ours = neighbours(rows, "together", model_batch_size=16)
-    alone = neighbours({"input": texts[1:2], "sample_id": ["b"]}, "alone", model_batch_size=1)
-    assert alone[0] == ours[1]  # batch composition does not matter
-    assert neighbours(rows, "seed-8", seed=8) != ours
     # every random choice (fill positions included) is seeded the same way; a second process with
-    # another string-hash seed must agree (the model-free ops keep the child process light)
+    # another string-hash seed must agree (the model-free ops keep the child process light; it
+    # starts first and runs while this one works)
     script = textwrap.dedent(
         """
         import json, sys
@@ -111,13 +103,22 @@ def test_same_neighbours_in_another_process_and_batch(t5, tmp_path):
         print(json.dumps(list(out["neighbors"])))
         """
     )
-    here = neighbours(rows, "here", model=None, ops=("delete", "duplicate", "swap"), num_neighbors=9)
     env = {**os.environ, "PYTHONHASHSEED": "12345", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(rows), str(tmp_path / "child")],
-        capture_output=True, text=True, env=env, check=True,
-    )
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == here
+    child = subprocess.Popen([sys.executable, "-c", script, json.dumps(rows), str(tmp_path / "child")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def neighbours(rows: dict, cache: str, **settings) -> list[list[str]]:
+        generator = NeighborGenerator(**{"model": t5, "num_neighbors": 8, "seed": 7, **settings})
+        return list(generator.apply(datasets.Dataset.from_dict(rows), cache_dir=tmp_path / cache)["neighbors"])
+
+    ours = neighbours(rows, "together", model_batch_size=16)
+    alone = neighbours({"input": texts[1:2], "sample_id": ["b"]}, "alone", model_batch_size=1)
+    assert alone[0] == ours[1]  # batch composition does not matter
+    assert neighbours(rows, "seed-8", seed=8) != ours
+    here = neighbours(rows, "here", model=None, ops=("delete", "duplicate", "swap"), num_neighbors=9)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1]) == here
 
 
 def test_short_and_empty_text(tmp_path):

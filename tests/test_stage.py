@@ -16,6 +16,16 @@ from fimmia_hf.stage import Stage, StageContext, folder_hash, input_fingerprint,
 from fimmia_hf.testing import make_synthetic_samples
 
 
+class Weights:
+    """Stands for a model: `datasets` must never pickle it (to hash it, as it would a transform's arguments)."""
+
+    pickled = 0
+
+    def __reduce__(self):
+        Weights.pickled += 1
+        return (Weights, ())
+
+
 class Upper(Stage):
     name = "upper"
     settings = ("suffix",)
@@ -24,6 +34,7 @@ class Upper(Stage):
 
     def __init__(self, suffix: str = "", note: str = "") -> None:
         self.suffix, self.note = suffix, note  # `note` is not declared: it must not change the fingerprint
+        self.weights = Weights()
         self.seen: list[tuple[list[int], str]] = []
 
     def process(self, batch: dict[str, list], context: StageContext) -> dict[str, list]:
@@ -43,6 +54,7 @@ def test_only_declared_settings_enter_the_fingerprint(ds: datasets.Dataset, tmp_
     assert undeclared.apply(ds, cache_dir=tmp_path)["upper"] == first["upper"] and undeclared.seen == []
     declared = Upper(suffix="!")
     assert declared.apply(ds, cache_dir=tmp_path)["upper"][0] == "TEXT 0!"
+    assert Weights.pickled == 0
 
 
 def test_process_gets_the_dataset_rows_of_each_batch(ds: datasets.Dataset, tmp_path: Path) -> None:

@@ -24,14 +24,15 @@ from fimmia_hf import ModalityEmbedder, NeighborGenerator, TargetScorer, TextEmb
 from fimmia_hf.stage import Stage, file_hash
 from fimmia_hf.testing import make_synthetic_samples
 
-ROWS, CHUNK = 5, 3  # two chunks: rows 0-2 and 3-4
+ROWS, CHUNK = 4, 2  # two chunks: rows 0-1 and 2-3
 
+# each stage over its tiny model (loaded once per module, so the runs measure the stages, not loading)
 STAGES: dict[str, Callable[..., Stage]] = {
-    "neighbors": lambda model, **kw: NeighborGenerator(
-        model("t5-infill"), num_neighbors=2, media_perturbation=True, device="cpu", **kw),
-    "text-embeddings": lambda model, **kw: TextEmbedder(model("text-encoder"), device="cpu", **kw),
-    "media-embeddings": lambda model, **kw: ModalityEmbedder(model("image-encoder"), device="cpu", **kw),
-    "score": lambda model, **kw: TargetScorer(model("image-text"), device="cpu", **kw),
+    "neighbors": lambda loaded, **kw: NeighborGenerator(
+        **loaded("masked-lm"), num_neighbors=2, media_perturbation=True, device="cpu", **kw),
+    "text-embeddings": lambda loaded, **kw: TextEmbedder(**loaded("text-encoder"), device="cpu", **kw),
+    "media-embeddings": lambda loaded, **kw: ModalityEmbedder(**loaded("image-encoder"), device="cpu", **kw),
+    "score": lambda loaded, **kw: TargetScorer(**loaded("image-text"), device="cpu", **kw),
 }
 
 
@@ -59,7 +60,7 @@ def _values(ds: datasets.Dataset) -> dict[str, list]:
             return "file:" + file_hash(value)
         return value
 
-    return {column: plain(list(ds[column])) for column in ds.column_names}
+    return {column: plain(values) for column, values in ds.with_format(None)[:].items()}
 
 
 def assert_same(got: Any, expected: Any, where: str = "") -> None:
@@ -85,13 +86,47 @@ def _refuse_to_load(monkeypatch: pytest.MonkeyPatch, stage_class: type[Stage]) -
     monkeypatch.setattr(stage_class, "load_model", refuse)
 
 
+def _masked_lm() -> dict[str, Any]:
+    """A tiny BERT-style infiller, held in memory: one forward fills a batch (a T5 `generate` takes many)."""
+    import torch
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    from fimmia_hf.testing import train_tokenizer
+
+    tokenizer = train_tokenizer("roberta", vocab_size=400)
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, max_position_embeddings=514, pad_token_id=tokenizer.pad_token_id)
+    return {"model": RobertaForMaskedLM(config).eval(), "tokenizer": tokenizer}
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model) -> Callable[[str], dict[str, Any]]:
+    """`loaded(kind)` -> the stage arguments `model` and `tokenizer` or `processor`, each loaded once."""
+    from transformers import AutoModel, AutoProcessor, AutoTokenizer
+
+    from fimmia_hf.scoring import load_target
+
+    def load(kind: str) -> dict[str, Any]:
+        if kind == "masked-lm":
+            return _masked_lm()
+        path = tiny_model(kind)
+        if kind == "image-text":
+            return dict(zip(("model", "processor"), load_target(path)))
+        if kind == "image-encoder":
+            return {"model": AutoModel.from_pretrained(path), "processor": AutoProcessor.from_pretrained(path)}
+        return {"model": AutoModel.from_pretrained(path), "tokenizer": AutoTokenizer.from_pretrained(path)}
+
+    return functools.cache(load)
+
+
 @pytest.fixture(scope="module", params=list(STAGES))
-def baseline(request: pytest.FixtureRequest, tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Baseline:
+def baseline(request: pytest.FixtureRequest, loaded, tmp_path_factory: pytest.TempPathFactory) -> Baseline:
     root = tmp_path_factory.mktemp(request.param)
-    make = functools.partial(STAGES[request.param], tiny_model)
+    make = functools.partial(STAGES[request.param], loaded)
     ds = load_samples(make_synthetic_samples(root / "samples", modality="image", n=ROWS))
     if not isinstance(make(), NeighborGenerator):
-        ds = ds.add_column("neighbors", [[t.replace("?", "? ok", 1), "Hm, " + t[8:]] for t in ds["input"]])
+        ds = ds.add_column("neighbors", [[t.replace("?", "? ok", 1)] for t in ds["input"]])
     out = make().apply(ds, cache_dir=root / "cache", chunk_size=CHUNK)
     assert len(out) == ROWS
     return Baseline(make, ds, root / "cache", _values(out))

@@ -149,7 +149,6 @@ class ModalityEmbedder(Stage):
     version: ClassVar[str] = "2"
     settings: ClassVar[tuple[str, ...]] = ("modality", "normalize", "num_frames", "resolved_dtype")
     model_references: ClassVar[tuple[str, ...]] = ("model", "processor")
-    map_batch_size: ClassVar[int] = 64
 
     def __init__(
         self,

@@ -1,10 +1,7 @@
-"""The scoring engine: exact per-token statistics of a sample and its neighbours, computed fast.
+"""The scoring engine: exact per-token statistics of a sample and its neighbours.
 
-Membership signals are differences between a sample's loss and its neighbours' losses, so scores may
-not depend on batch size, padding or caching, and this is where the cost is (K + 1 forwards per sample
-and target). Each sample's variants share their media, which is processed and encoded once; the
-original runs first and keeps its KV cache, and every neighbour reuses it up to its own first
-differing token, so only the changed tails run, right-padded, in batches of similar tail length.
+One engine serves every model family (the package docstring says how it shares media and KV-cache
+prefixes); `score_plain`, one full forward per item, is the reference it must agree with.
 """
 
 from __future__ import annotations
