@@ -2,9 +2,8 @@
 
 Each subcommand lives beside the code that does the work (a stage package's `cli` module, or the
 module itself), as a pair of functions `add_<command>_arguments(parser)` and `run_<command>(args)`;
-this file only routes, and imports a
-module when its command is used, so `fimmia-hf --help` stays fast. `accelerate launch -m
-fimmia_hf.cli <command> ...` runs the same code in every process.
+this file only routes, and imports a module when its command is used, so `fimmia-hf --help` stays
+fast. `accelerate launch -m fimmia_hf.cli <command> ...` runs the same code in every process.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from PIL import Image
 
 from fimmia_hf import SampleError, load_samples, split_samples
 from fimmia_hf.cli import main as cli_main
+from fimmia_hf.data import read_table
 
 
 def _image(path: Path, color: str = "red") -> str:
@@ -98,10 +99,13 @@ def test_a_dataset_folder_is_only_read(tmp_path: Path) -> None:
     try:
         ds = load_samples(folder)
         ds = ds.map(lambda row: {"length": len(row["input"])})  # nor may a later transform write there
+        as_stored = read_table(folder).map(lambda row: {"length": len(row["input"])})  # stage outputs read back
+        selected = load_samples(datasets.load_from_disk(str(folder)).select([2, 0]))  # column concatenation flattens
     finally:
         folder.chmod(0o755)
     assert listing() == before
     assert ds["extra"] == ["kept"] * 3 and ds["length"] == [len(r["input"]) for r in _rows(3)]
+    assert as_stored["length"] == ds["length"] and selected["input"] == [ds["input"][2], ds["input"][0]]
 
 
 def test_decoded_hf_image_column_is_accepted() -> None:

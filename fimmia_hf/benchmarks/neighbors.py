@@ -89,7 +89,7 @@ def benchmark(
         ours = generator.process(batch, context)
         ours_seconds = time.perf_counter() - start
 
-        mask_count = generator.mask_count(texts[0])
+        mask_count = generator.masks_per_neighbor(texts[0])
         start, reference_calls = time.perf_counter(), 0
         for text in texts:
             for k in range(neighbors_per_sample):

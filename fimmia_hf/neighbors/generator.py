@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,8 +39,8 @@ class _RowState:
     text: Words
     mask_count: int
     seen: set[str]
-    made: dict[str, list[str]] = field(default_factory=dict)
-    attempts: dict[str, int] = field(default_factory=dict)
+    made: dict[str, list[str]]  # op -> its neighbours so far
+    attempts: dict[str, int]  # op -> draws so far (the k of each draw's seed)
 
     def offer(self, op: str, candidate: str, quota: int) -> None:
         if candidate not in self.seen and len(self.made[op]) < quota:
@@ -169,9 +169,10 @@ class NeighborGenerator(Stage):
         base, extra = divmod(self.num_neighbors, len(self.ops))
         return {op: base + (i < extra) for i, op in enumerate(self.ops)}
 
-    def mask_count(self, text: str) -> int:
+    def masks_per_neighbor(self, text: str | Words) -> int:
         """Words changed per neighbour of `text`."""
-        return mask_count(Words.parse(text, self.patterns), self.mask_ratio, self.min_masks, self.max_masks)
+        words = text if isinstance(text, Words) else Words.parse(text, self.patterns)
+        return mask_count(words, self.mask_ratio, self.min_masks, self.max_masks)
 
     def _rng(self, sample_id: str, op: str, k: int) -> np.random.Generator:
         return np.random.default_rng(derive_seed(self.seed, sample_id, op, k))
@@ -185,9 +186,8 @@ class NeighborGenerator(Stage):
         states = []
         for text, sid in zip(texts, ids):
             words = Words.parse(text, self.patterns)
-            count = mask_count(words, self.mask_ratio, self.min_masks, self.max_masks)
-            states.append(_RowState(sid, words, count, seen={text}, made={op: [] for op in self.ops},
-                                    attempts={op: 0 for op in self.ops}))
+            states.append(_RowState(sid, words, self.masks_per_neighbor(words), seen={text},
+                                    made={op: [] for op in self.ops}, attempts=dict.fromkeys(self.ops, 0)))
         quotas = self.quotas()
         for op in self.ops:
             if op == "fill":
@@ -207,8 +207,7 @@ class NeighborGenerator(Stage):
         if self.media and context.media_column:
             folder = context.folder / f"media-{context.fingerprint}"
             out[MEDIA_NEIGHBORS] = [
-                self._media_for(context.media_column, value, sid, len(n), folder)
-                for value, sid, n in zip(batch[context.media_column], ids, out[NEIGHBORS])
+                self._media_for(batch, j, len(neighbors), folder, context) for j, neighbors in enumerate(out[NEIGHBORS])
             ]
         return out
 
@@ -253,8 +252,11 @@ class NeighborGenerator(Stage):
                 stacklevel=2,
             )
 
-    def _media_for(self, modality: str, value: Any, sample_id: str, count: int, folder: Path) -> list[str]:
-        """One perturbed media file per neighbour, named by sample and index, seeded by (seed, sample_id, k)."""
+    def _media_for(self, batch: dict[str, list], j: int, count: int, folder: Path, context: StageContext) -> list[str]:
+        """Row `j`'s perturbed media, one file per neighbour, named by sample and index and seeded by
+        (seed, sample_id, k)."""
+        modality, sample_id = context.media_column, batch[SAMPLE_ID][j]
+        value = batch[modality][j]
         if value is None or count == 0:
             return []
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", str(sample_id))[:48] + f"-{derive_seed(sample_id) % 16**8:08x}"
@@ -262,4 +264,4 @@ class NeighborGenerator(Stage):
         try:
             return write_perturbed(modality, value, seeds, folder, stem, self.media)
         except MediaError as err:
-            raise MediaError(f"sample_id {sample_id}: {err}") from err
+            raise MediaError(f"{context.where(batch, j)}, column {modality!r}: {err}") from err
