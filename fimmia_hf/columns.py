@@ -36,8 +36,3 @@ ERROR = "error"
 
 # columns whose values may name files: a stage's input fingerprint covers those files' content
 MEDIA_REFERENCES = (*MEDIA_COLUMNS, MEDIA_NEIGHBORS)
-
-
-def token_stat_columns(prefix: str = "token_") -> list[str]:
-    """The per-token statistic columns: `token_<stat>` for the original, `neighbor_token_<stat>` for neighbours."""
-    return [f"{prefix}{stat}" for stat in TOKEN_STATS]

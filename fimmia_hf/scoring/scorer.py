@@ -18,7 +18,6 @@ from ..columns import (
     NEIGHBOR_LOSSES,
     NEIGHBORS,
     TOKEN_STATS,
-    token_stat_columns,
 )
 from ..media import MediaError
 from ..stage import Stage, StageContext, resolve_device
@@ -109,9 +108,9 @@ class TargetScorer(Stage):
         """The columns this scorer adds, in order."""
         columns = [LOSS] + ([NEIGHBOR_LOSSES] if has_neighbors else [])
         if self.token_stats:
-            columns += token_stat_columns()
+            columns += [f"token_{s}" for s in TOKEN_STATS]
             if self.token_stats == "all" and has_neighbors:
-                columns += token_stat_columns("neighbor_token_")
+                columns += [f"neighbor_token_{s}" for s in TOKEN_STATS]
         return columns + ([ERROR] if self.on_error == "skip" else [])
 
     def process(self, batch: dict[str, list], context: StageContext) -> dict[str, list]:
