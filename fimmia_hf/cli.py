@@ -1,9 +1,9 @@
 """`fimmia-hf`: one subcommand per stage.
 
-Each subcommand lives in the module that does the work, as a pair of functions
-`add_<command>_arguments(parser)` and `run_<command>(args)`; this file only routes, and imports a
-module when its command is used, so `fimmia-hf --help` stays fast. `accelerate launch -m
-fimmia_hf.cli <command> ...` runs the same code in every process.
+Each subcommand lives beside the code that does the work (a stage package's `cli` module, or the
+module itself), as a pair of functions `add_<command>_arguments(parser)` and `run_<command>(args)`;
+this file only routes, and imports a module when its command is used, so `fimmia-hf --help` stays
+fast. `accelerate launch -m fimmia_hf.cli <command> ...` runs the same code in every process.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("data", "check a sample table (columns, labels, media) and print a summary"),
     "finetune": ("finetuning", "SFT-LoRA fine-tune a target on member samples (controlled members)"),
-    "neighbors": ("neighbors", "generate K perturbed neighbours of each sample's text (and media)"),
-    "embed": ("embeddings", "embed each sample and its neighbours (text and media)"),
-    "score": ("scoring", "score samples and their neighbours with a target model (losses, per-token statistics)"),
+    "neighbors": ("neighbors.cli", "generate K perturbed neighbours of each sample's text (and media)"),
+    "embed": ("embeddings.cli", "embed each sample and its neighbours (text and media)"),
+    "score": ("scoring.cli", "score samples and their neighbours with a target model (losses, per-token statistics)"),
     "train": ("training", "train a FiMMIA detector on scored samples"),
     "predict": ("training", "score samples with a trained detector; write predictions and metrics"),
     "evaluate": ("report", "one report: detector, classic attacks and blind baselines on a test split"),
@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shift": ("shift", "blind (model-free) baselines: is the member/non-member split shifted?"),
     "push": ("hub", "push a detector (with its model card) to the Hugging Face Hub"),
     "demo": ("demo", "the whole pipeline end to end on synthetic data with tiny models (no network)"),
-    "bench": ("bench", "benchmarks: each stage vs its naive loop, end-to-end throughput, memory"),
+    "bench": ("benchmarks.runner", "benchmarks: each stage vs its naive loop, end-to-end throughput, memory"),
 }
 
 

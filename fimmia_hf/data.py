@@ -19,13 +19,15 @@ from typing import Any
 import datasets
 import numpy as np
 
-from .media import MEDIA_COLUMNS, MediaError, load_media
+from .columns import ANSWER, DS_NAME, INPUT, LABEL, MEDIA_COLUMNS, SAMPLE_ID
+from .media import MediaError, load_media
+from .stage import default_cache_dir, discard_if_damaged
 
-REQUIRED_COLUMNS = ("input", "answer")
+REQUIRED_COLUMNS = (INPUT, ANSWER)
 MODALITIES = (*MEDIA_COLUMNS, "text")
 _TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 _MAX_LISTED = 20
-_TEXT_COLUMNS = {"input", "answer", "ds_name", "sample_id"}
+_TEXT_COLUMNS = {INPUT, ANSWER, DS_NAME, SAMPLE_ID}
 
 
 class SampleError(ValueError):
@@ -41,7 +43,8 @@ def _rows_message(where: str, column: str, problem: str, rows: list[tuple[int, s
 def read_table(path: str | os.PathLike) -> datasets.Dataset:
     """Read a table file or `save_to_disk` folder as it is (no validation): stage outputs, paired tables.
 
-    Text columns keep what the user wrote (answer "1" stays "1").
+    Text columns keep what the user wrote (answer "1" stays "1"). A folder is read into our cache, so
+    no later transform writes beside the user's files.
     """
     import pandas as pd
 
@@ -51,7 +54,7 @@ def read_table(path: str | os.PathLike) -> datasets.Dataset:
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             raise SampleError(f"{path}: holds a DatasetDict ({', '.join(loaded)}); pass one split's folder")
-        return loaded
+        return _own_copy(loaded)
     if not path.is_file():
         raise SampleError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
@@ -149,7 +152,7 @@ def load_samples(
         ds = read_table(path)
         default_name = ds_name or path.stem
     elif isinstance(source, datasets.Dataset):
-        where, base, ds, default_name = "dataset", None, source, ds_name or "samples"
+        where, base, ds, default_name = "dataset", None, _own_copy(source), ds_name or "samples"
     elif isinstance(source, pd.DataFrame):
         where, base, default_name = "DataFrame", None, ds_name or "samples"
         ds = datasets.Dataset.from_pandas(source, preserve_index=False)
@@ -217,14 +220,31 @@ def load_samples(
         raise SampleError(_rows_message(where, "sample_id", "duplicate samples", duplicates))
     updates["sample_id"] = ids
 
-    rest = ds.flatten_indices().remove_columns([c for c in updates if c in columns])
+    rest = ds.remove_columns([c for c in updates if c in columns])
     out = datasets.Dataset.from_dict(updates)
     if rest.column_names:
         out = datasets.concatenate_datasets([out, rest], axis=1)
     if media is not None:
         _check_media(out, media, where)
-    first = [c for c in ("sample_id", "input", "answer", "ds_name", media, "label") if c in out.column_names]
+    first = [c for c in (SAMPLE_ID, INPUT, ANSWER, DS_NAME, media, LABEL) if c in out.column_names]
     return out.select_columns(first + [c for c in out.column_names if c not in first])
+
+
+def _own_copy(ds: datasets.Dataset) -> datasets.Dataset:
+    """`ds` in table order, held in memory or, when it is backed by files, copied into our cache.
+
+    `datasets` writes a transform's cache file next to the dataset's own files, so a dataset read
+    from the user's `save_to_disk` folder would get `cache-*.arrow` files written into that folder by
+    its first `map` or `flatten_indices` (column concatenation flattens); after the copy every later
+    write lands in our cache.
+    """
+    if not ds.cache_files:
+        return ds.flatten_indices(keep_in_memory=True) if ds._indices is not None else ds
+    folder = default_cache_dir() / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds._fingerprint}.arrow"
+    discard_if_damaged(path, len(ds))
+    return ds.flatten_indices(cache_file_name=str(path))
 
 
 def table_columns(table: Any) -> list[str]:

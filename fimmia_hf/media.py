@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-MEDIA_COLUMNS = ("image", "audio", "video")
+from .columns import MEDIA_COLUMNS
+
 MEDIA_PLACEHOLDERS = {m: f"<{m}>" for m in MEDIA_COLUMNS}
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from fimmia_hf import SampleError, load_samples, split_samples
 from fimmia_hf.cli import main as cli_main
+from fimmia_hf.data import read_table
 
 
 def _image(path: Path, color: str = "red") -> str:
@@ -83,6 +84,28 @@ def test_media_paths_resolve_relative_to_the_table_or_media_root(tmp_path: Path)
     moved = load_samples(elsewhere / "t.csv", media_root=tmp_path)
     assert moved["image"] == ds["image"]
     assert moved["sample_id"] == ds["sample_id"]  # ids use the path as written, not where the table lives
+
+
+def test_a_dataset_folder_is_only_read(tmp_path: Path) -> None:
+    """Issue 16: `load_samples` wrote a `cache-*.arrow` into the user's `save_to_disk` folder."""
+    folder = tmp_path / "shared-data"
+    datasets.Dataset.from_list(_rows(3, extra="kept")).save_to_disk(str(folder))
+
+    def listing() -> dict[str, tuple[int, int]]:
+        return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+    before = listing()
+    folder.chmod(0o555)  # a read-only data folder must work (root ignores the mode: the listing is the check)
+    try:
+        ds = load_samples(folder)
+        ds = ds.map(lambda row: {"length": len(row["input"])})  # nor may a later transform write there
+        as_stored = read_table(folder).map(lambda row: {"length": len(row["input"])})  # stage outputs read back
+        selected = load_samples(datasets.load_from_disk(str(folder)).select([2, 0]))  # column concatenation flattens
+    finally:
+        folder.chmod(0o755)
+    assert listing() == before
+    assert ds["extra"] == ["kept"] * 3 and ds["length"] == [len(r["input"]) for r in _rows(3)]
+    assert as_stored["length"] == ds["length"] and selected["input"] == [ds["input"][2], ds["input"][0]]
 
 
 def test_decoded_hf_image_column_is_accepted() -> None:

@@ -16,7 +16,7 @@ import datasets
 import numpy as np
 import pytest
 
-from fimmia_hf.neighbors import NeighborGenerator, benchmark
+from fimmia_hf.neighbors import NeighborGenerator
 
 PROMPT = (
     "Look  at the picture and answer the question. Choose one option\tand write only its letter.\n"
@@ -49,7 +49,7 @@ def seps(text: str) -> list[str]:
 
 
 def test_counts_per_operation_distinct_and_one_generate_call_per_batch(t5, tmp_path):
-    gen = NeighborGenerator(t5, num_neighbors=24, batch_size=64, seed=1)
+    gen = NeighborGenerator(t5, num_neighbors=24, model_batch_size=64, seed=1)
     out = gen.apply(samples(PROMPT, LONG), cache_dir=tmp_path)
     for row in out:
         assert row["num_neighbors"] == len(row["neighbors"]) == 24
@@ -89,47 +89,40 @@ def test_whitespace_and_line_breaks_kept(t5, tmp_path):
 
 def test_same_neighbours_in_another_process_and_batch(t5, tmp_path):
     texts = [PROMPT, LONG, "one two three four five six seven"]
-    batch = {"input": texts, "sample_id": ["a", "b", "c"]}
-    ours = NeighborGenerator(t5, num_neighbors=8, seed=7, batch_size=16).process(batch)["neighbors"]
-    alone = NeighborGenerator(t5, num_neighbors=8, seed=7, batch_size=1).process(
-        {"input": texts[1:2], "sample_id": ["b"]}
-    )
-    assert alone["neighbors"][0] == ours[1]  # batch composition does not matter
-    assert NeighborGenerator(t5, num_neighbors=8, seed=8).process(batch)["neighbors"] != ours
+    rows = {"input": texts, "sample_id": ["a", "b", "c"]}
     # every random choice (fill positions included) is seeded the same way; a second process with
-    # another string-hash seed must agree (the model-free ops keep the child process light)
+    # another string-hash seed must agree (the model-free ops keep the child process light; it
+    # starts first and runs while this one works)
     script = textwrap.dedent(
         """
         import json, sys
+        import datasets
         from fimmia_hf.neighbors import NeighborGenerator
-        out = NeighborGenerator(ops=("delete", "duplicate", "swap"), num_neighbors=9, seed=7).process(json.loads(sys.argv[1]))
-        print(json.dumps(out["neighbors"]))
+        rows = datasets.Dataset.from_dict(json.loads(sys.argv[1]))
+        out = NeighborGenerator(ops=("delete", "duplicate", "swap"), num_neighbors=9, seed=7).apply(rows, cache_dir=sys.argv[2])
+        print(json.dumps(list(out["neighbors"])))
         """
     )
-    here = NeighborGenerator(ops=("delete", "duplicate", "swap"), num_neighbors=9, seed=7).process(batch)["neighbors"]
     env = {**os.environ, "PYTHONHASHSEED": "12345", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(batch)], capture_output=True, text=True, env=env, check=True
-    )
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == here
+    child = subprocess.Popen([sys.executable, "-c", script, json.dumps(rows), str(tmp_path / "child")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
+    def neighbours(rows: dict, cache: str, **settings) -> list[list[str]]:
+        generator = NeighborGenerator(**{"model": t5, "num_neighbors": 8, "seed": 7, **settings})
+        return list(generator.apply(datasets.Dataset.from_dict(rows), cache_dir=tmp_path / cache)["neighbors"])
 
-def test_cache_hit_does_not_load_the_model(t5, tmp_path, monkeypatch):
-    ds = samples(PROMPT, LONG)
-    first = NeighborGenerator(t5, num_neighbors=8).apply(ds, cache_dir=tmp_path)
-
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded on a cache hit")
-
-    monkeypatch.setattr("fimmia_hf.neighbors._Infiller.load", no_model)
-    again = NeighborGenerator(t5, num_neighbors=8).apply(ds, cache_dir=tmp_path)
-    assert again["neighbors"] == first["neighbors"]
-    with pytest.raises(AssertionError, match="cache hit"):  # another seed is another computation
-        NeighborGenerator(t5, num_neighbors=8, seed=1).apply(ds, cache_dir=tmp_path)
+    ours = neighbours(rows, "together", model_batch_size=16)
+    alone = neighbours({"input": texts[1:2], "sample_id": ["b"]}, "alone", model_batch_size=1)
+    assert alone[0] == ours[1]  # batch composition does not matter
+    assert neighbours(rows, "seed-8", seed=8) != ours
+    here = neighbours(rows, "here", model=None, ops=("delete", "duplicate", "swap"), num_neighbors=9)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1]) == here
 
 
 def test_short_and_empty_text(tmp_path):
-    with pytest.raises(ValueError, match=r"row 2 \(sample_id s1\)"):
+    with pytest.raises(ValueError, match=r"row 2 \(sample_id 's1'\)"):
         NeighborGenerator(ops=("delete", "swap")).apply(samples("fine text here", "   "), cache_dir=tmp_path)
     with pytest.raises(ValueError, match="needs an infilling model"):
         NeighborGenerator()
@@ -144,7 +137,7 @@ def test_short_and_empty_text(tmp_path):
 
 
 def test_truncation_only_in_output_rows_and_cli(tmp_path):
-    from fimmia_hf.neighbors import add_neighbors_arguments, run_neighbors
+    from fimmia_hf.neighbors.cli import add_neighbors_arguments, run_neighbors
 
     table = tmp_path / "samples.csv"
     long_text = "intro " * 50 + "What is two plus two? ANSWER:"
@@ -249,11 +242,3 @@ def test_media_neighbours_differ_yet_decode(modality, synthetic_table, tmp_path)
     a, b = (load_media(modality, p, **kwargs) for p in (first, second))
     a, b = (np.asarray(x[0] if modality == "audio" else x, dtype=np.float32) for x in (a, b))
     assert a.shape == b.shape and np.abs(a - b).mean() < (2.0 if modality == "video" else 1e-6)
-
-
-def test_benchmark_reports_fewer_generate_calls(tmp_path):
-    result = benchmark(n_samples=1, words=40, json_path=tmp_path / "bench.json")
-    assert json.loads((tmp_path / "bench.json").read_text()) == result
-    ours, reference = result["generate_calls"]
-    assert ours <= 3 and reference == 6 * result["masks_per_neighbor"]
-    assert result["speedup"] > 0  # the wall-time ratio is a benchmark figure, not asserted

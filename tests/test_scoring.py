@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -40,11 +39,11 @@ def loaded(tiny_model):
 def test_scores_equal_plain_forward_for_every_kind(modality, loaded, synthetic_table, tmp_path):
     model, processor = loaded(KINDS[modality])
     ds = _with_neighbors(load_samples(synthetic_table(modality, 2)))
-    fast = TargetScorer(model, processor=processor, batch_size=2, token_stats="all")
+    fast = TargetScorer(model, processor=processor, model_batch_size=2, token_stats="all")
     out = fast.apply(ds, cache_dir=tmp_path)
     media = None if modality == "text" else modality
     scorer = TargetScorer(model, processor=processor)
-    _, encoder = scorer.load()
+    encoder = scorer.loaded().encoder
     for row in out:
         value = encoder.load_media(media, row.get(modality))
         for text, loss, logprobs in zip(
@@ -58,7 +57,7 @@ def test_scores_equal_plain_forward_for_every_kind(modality, loaded, synthetic_t
         assert all(m <= 0 and s >= 0 for m, s in zip(row["token_max_logprob"], row["token_std_logprob"]))
     full = sum(len(encoder.encode(t, r["answer"], encoder.load_media(media, r.get(modality)), media).input_ids)
                for r in out for t in [r["input"], *r["neighbors"]])
-    assert fast.load()[0].tokens_run < 0.85 * full  # the neighbour changed after the media reused the cache
+    assert fast.loaded().engine.tokens_run < 0.85 * full  # the neighbour changed after the media reused the cache
 
 
 def test_batch_size_padding_side_and_prefix_reuse_do_not_change_scores(loaded, synthetic_table):
@@ -101,17 +100,11 @@ def test_only_answer_tokens_are_scored_and_the_answer_matters(loaded):
     assert len(closing[0]["token_logprobs"]) > len(enc.score_positions)
 
 
-def test_rerun_reads_the_cache_without_loading_the_model(tiny_model, synthetic_table, tmp_path, monkeypatch):
-    ds = _with_neighbors(load_samples(synthetic_table("text", 3)))
-    first = TargetScorer(tiny_model("text-lm"), name="base").apply(ds, cache_dir=tmp_path)
-    assert first["model_name"] == ["base"] * 3
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded on a cached rerun")
-
-    monkeypatch.setattr("fimmia_hf.scoring.load_target", refuse)
-    second = TargetScorer(tiny_model("text-lm"), name="base").apply(ds, cache_dir=tmp_path)
-    assert second["loss"] == first["loss"] and second["neighbor_losses"] == first["neighbor_losses"]
+def test_name_labels_every_row(loaded, tmp_path):
+    model, tok = loaded("text-lm")
+    ds = datasets.Dataset.from_dict({"sample_id": ["a"], "input": ["Which colour?"], "answer": ["green"], "ds_name": ["t"]})
+    out = TargetScorer(model, processor=tok, name="base", token_stats=False).apply(ds, cache_dir=tmp_path)
+    assert out["model_name"] == ["base"]  # so base and fine-tuned runs of the paired protocol concatenate
 
 
 def test_bad_media_rows_raise_naming_the_row_or_are_kept_with_an_error(loaded, synthetic_table, tmp_path):
@@ -158,14 +151,3 @@ def test_two_processes_shard_and_gather_in_order(tiny_model, synthetic_table, tm
     single = TargetScorer(tiny_model("text-lm")).apply(load_samples(data), cache_dir=tmp_path / "single")
     assert gathered["sample_id"] == single["sample_id"]
     assert gathered["loss"] == pytest.approx(single["loss"], abs=1e-5)
-
-
-def test_benchmark_writes_ratios_for_each_layout_with_equal_scores(tmp_path):
-    from fimmia_hf.scoring import benchmark
-
-    result = benchmark(n_samples=1, k=4, json_path=tmp_path / "bench.json", size="tiny", image_size=(112, 112))
-    assert json.loads((tmp_path / "bench.json").read_text()) == result
-    assert result["max_abs_diff"] < 1e-4 and result["items"] == 5
-    # with the media first, every neighbour reuses the cached media and header: fewer positions run
-    assert result["token_ratio_media_first"] > result["token_ratio_media_last"] > 1
-    assert result["speedup"] > 0  # the wall-time ratio is a benchmark figure, not asserted

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .media import load_audio, load_image, load_video
+from ..media import load_audio, load_image, load_video
 
 EXTENSIONS = {"image": ".png", "audio": ".wav", "video": ".mp4"}
 

@@ -1,0 +1,267 @@
+"""NeighborGenerator: K perturbed copies of each sample's prompt, as a cached `datasets.map` stage.
+
+Per batch of rows it plans every neighbour (`operations`), fills the `fill` ones with one batched
+model call per round (`infill`), keeps only neighbours that differ from the original and from each
+other, and with media perturbation writes one seeded, perturbed media file per neighbour into the
+stage's cache folder (`perturb_media`). A text too short for K neighbours gets fewer, and says so in
+`num_neighbors` (never padded with copies); truncation to `max_text_len` only changes the generated
+rows (the `input` column of the output, flagged by `input_truncated`), never the user's file.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import datasets
+import numpy as np
+
+from ..columns import INPUT, MEDIA_NEIGHBORS, NEIGHBOR_OPS, NEIGHBORS, NUM_NEIGHBORS, SAMPLE_ID
+from ..media import MediaError
+from ..stage import Stage, StageContext, resolve_device
+from .infill import INFILL_STYLES, Infiller, load_infiller
+from .operations import OPS, derive_seed, edit, fill_request, mask_count
+from .perturb_media import MediaPerturbation, write_perturbed
+from .words import DEFAULT_PROTECTED, Words, truncate_tail
+
+_FILL_ROUNDS = 3  # fill rounds: later ones retry samples whose fills collided with other neighbours
+
+
+@dataclass
+class _RowState:
+    """One row's neighbours as they are made: per op, and every text seen so far (kept distinct)."""
+
+    sample_id: str
+    text: Words
+    mask_count: int
+    seen: set[str]
+    made: dict[str, list[str]]  # op -> its neighbours so far
+    attempts: dict[str, int]  # op -> draws so far (the k of each draw's seed)
+
+    def offer(self, op: str, candidate: str, quota: int) -> None:
+        if candidate not in self.seen and len(self.made[op]) < quota:
+            self.seen.add(candidate)
+            self.made[op].append(candidate)
+
+
+class NeighborGenerator(Stage):
+    """Add `neighbors`, `neighbor_ops`, `num_neighbors` (+ `media_neighbors`) columns to samples.
+
+    Args:
+        model: infilling model for the `fill` op: a Hub id or local folder (seq2seq T5-style, or a
+            BERT-style masked LM), or a loaded model (then pass `tokenizer`). Not needed without `fill`.
+        num_neighbors: K, split evenly over `ops` (the first ops get the remainder).
+        ops: any of "fill", "delete", "duplicate", "swap".
+        mask_ratio, min_masks, max_masks: words changed per neighbour: `mask_ratio` of the words,
+            clipped to [min(min_masks, eligible - 1), max_masks] (the original's rule).
+        max_text_len: longer prompts keep their last `max_text_len` characters (in the output rows only).
+        seed: with `sample_id`, fixes every random choice.
+        protected: extra regexes (str or compiled) whose matches are never touched, on top of
+            `DEFAULT_PROTECTED` (media placeholders, option letters, answer/question markers).
+        media_perturbation: also write one perturbed media file per neighbour (`media_neighbors`);
+            `True` uses `MediaPerturbation()`, or pass a `MediaPerturbation` to set strengths.
+        model_batch_size: sequences per `generate` (or masked-LM forward) call.
+        infill_style: "auto" (FRED-T5 if the model id says so, "mlm" for masked LMs, else "t5"),
+            "t5", "fred-t5" or "mlm"; `prefix`, `sentinel` (with `{i}`) and `eos_token` override it.
+        column: the text column to perturb ("input"; "answer" to perturb answers).
+    """
+
+    name: ClassVar[str] = "neighbors"
+    version: ClassVar[str] = "2"
+    settings: ClassVar[tuple[str, ...]] = (
+        "ops", "num_neighbors", "mask_ratio", "min_masks", "max_masks", "max_text_len", "seed", "patterns",
+        "media", "infill_style", "infill_overrides", "dtype", "column",
+    )
+    model_references: ClassVar[tuple[str, ...]] = ("model", "tokenizer")
+    map_batch_size: ClassVar[int] = 16
+
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        num_neighbors: int = 24,
+        ops: Sequence[str] = OPS,
+        mask_ratio: float = 0.1,
+        min_masks: int = 5,
+        max_masks: int = 40,
+        max_text_len: int = 4000,
+        seed: int = 0,
+        protected: Iterable[str | re.Pattern] | None = None,
+        media_perturbation: bool | MediaPerturbation = False,
+        model_batch_size: int = 16,
+        infill_style: str = "auto",
+        prefix: str | None = None,
+        sentinel: str | None = None,
+        eos_token: str | None = None,
+        tokenizer: Any = None,
+        revision: str | None = None,
+        device: str | None = None,
+        dtype: Any = None,
+        column: str = INPUT,
+    ) -> None:
+        ops = tuple(ops)
+        unknown = [op for op in ops if op not in OPS]
+        if unknown or not ops or len(set(ops)) != len(ops):
+            raise ValueError(f"ops must be distinct names from {', '.join(OPS)}; got {', '.join(ops) or 'none'}")
+        if "fill" in ops and model is None:
+            raise ValueError(
+                "the 'fill' operation needs an infilling model (model=<T5/FRED-T5/BERT id or folder>); "
+                "or drop it: ops=('delete', 'duplicate', 'swap')"
+            )
+        if num_neighbors < 1:
+            raise ValueError(f"num_neighbors must be at least 1, got {num_neighbors}")
+        if not 0 <= mask_ratio <= 1 or min_masks < 0 or max_masks < 1:
+            raise ValueError("need 0 <= mask_ratio <= 1, min_masks >= 0 and max_masks >= 1")
+        if infill_style not in (*INFILL_STYLES, "auto"):
+            raise ValueError(f"infill_style must be 'auto' or one of {', '.join(INFILL_STYLES)}; got {infill_style!r}")
+        self.model, self.tokenizer, self.revision = model, tokenizer, revision
+        self.num_neighbors, self.ops = num_neighbors, ops
+        self.mask_ratio, self.min_masks, self.max_masks = mask_ratio, min_masks, max_masks
+        self.max_text_len, self.seed, self.column = max_text_len, seed, column
+        self.patterns = [
+            p if isinstance(p, re.Pattern) else re.compile(p) for p in (*DEFAULT_PROTECTED, *(protected or ()))
+        ]
+        if media_perturbation is True:
+            media_perturbation = MediaPerturbation()
+        self.media: MediaPerturbation | None = media_perturbation or None
+        self.model_batch_size = model_batch_size
+        self.infill_style = infill_style
+        self.infill_overrides = {
+            k: v for k, v in {"prefix": prefix, "sentinel": sentinel, "eos_token": eos_token}.items() if v is not None
+        }
+        self.device, self.dtype = device, dtype
+
+    # ------------------------------------------------------------------ the stage contract
+    def check(self, ds: datasets.Dataset) -> None:
+        if self.column not in ds.column_names:
+            raise ValueError(f"no {self.column!r} column to perturb (columns: {', '.join(ds.column_names)})")
+        if SAMPLE_ID not in ds.column_names:
+            raise ValueError("samples need a 'sample_id' column; load them with fimmia_hf.load_samples")
+        empty = [
+            (i, sid) for i, (text, sid) in enumerate(zip(ds[self.column], ds[SAMPLE_ID])) if not (text or "").strip()
+        ]
+        if empty:
+            listed = "; ".join(f"row {i + 1} (sample_id {sid!r})" for i, sid in empty[:10])
+            raise ValueError(
+                f"empty {self.column!r} text, nothing to perturb: {listed}" + (" ..." if len(empty) > 10 else "")
+            )
+        if self.media and self.media_column(ds) is None:
+            warnings.warn("media_perturbation is on but the samples have no image/audio/video column", stacklevel=3)
+
+    def load_model(self) -> Infiller:
+        return load_infiller(
+            self.model, tokenizer=self.tokenizer, style=self.infill_style, overrides=self.infill_overrides,
+            revision=self.revision, dtype=self.dtype, device=resolve_device(self.device),
+            batch_size=self.model_batch_size,
+        )
+
+    @property
+    def model_calls(self) -> int:
+        """How many `generate` (or masked-LM forward) calls this generator has made so far."""
+        return self._loaded.calls if self._loaded is not None else 0
+
+    def quotas(self) -> dict[str, int]:
+        """Neighbours asked of each op: K split evenly, the first ops taking the remainder."""
+        base, extra = divmod(self.num_neighbors, len(self.ops))
+        return {op: base + (i < extra) for i, op in enumerate(self.ops)}
+
+    def masks_per_neighbor(self, text: str | Words) -> int:
+        """Words changed per neighbour of `text`."""
+        words = text if isinstance(text, Words) else Words.parse(text, self.patterns)
+        return mask_count(words, self.mask_ratio, self.min_masks, self.max_masks)
+
+    def _rng(self, sample_id: str, op: str, k: int) -> np.random.Generator:
+        return np.random.default_rng(derive_seed(self.seed, sample_id, op, k))
+
+    # ------------------------------------------------------------------ the map function
+    def process(self, batch: dict[str, list], context: StageContext) -> dict[str, list]:
+        """Neighbours for a batch of rows (called by `datasets.map`)."""
+        texts, ids = batch[self.column], batch[SAMPLE_ID]
+        truncated = [len(t) > self.max_text_len for t in texts]
+        texts = [truncate_tail(t, self.max_text_len) for t in texts]
+        states = []
+        for text, sid in zip(texts, ids):
+            words = Words.parse(text, self.patterns)
+            states.append(_RowState(sid, words, self.masks_per_neighbor(words), seen={text},
+                                    made={op: [] for op in self.ops}, attempts=dict.fromkeys(self.ops, 0)))
+        quotas = self.quotas()
+        for op in self.ops:
+            if op == "fill":
+                self._run_fill(states, quotas[op])
+            else:
+                self._run_edit(states, op, quotas[op])
+
+        out: dict[str, list] = {NEIGHBORS: [], NEIGHBOR_OPS: [], NUM_NEIGHBORS: []}
+        for state in states:
+            neighbors = [n for op in self.ops for n in state.made[op]]
+            out[NEIGHBORS].append(neighbors)
+            out[NEIGHBOR_OPS].append([op for op in self.ops for _ in state.made[op]])
+            out[NUM_NEIGHBORS].append(len(neighbors))
+        self._warn_short(states, out[NUM_NEIGHBORS])
+        out[self.column] = texts  # truncated where flagged; the user's file is never touched
+        out[f"{self.column}_truncated"] = truncated
+        if self.media and context.media_column:
+            folder = context.folder / f"media-{context.fingerprint}"
+            out[MEDIA_NEIGHBORS] = [
+                self._media_for(batch, j, len(neighbors), folder, context) for j, neighbors in enumerate(out[NEIGHBORS])
+            ]
+        return out
+
+    def _run_edit(self, states: list[_RowState], op: str, quota: int) -> None:
+        """Delete / duplicate / swap neighbours, each draw seeded by (seed, sample_id, op, k)."""
+        for state in states:
+            if state.mask_count == 0:
+                continue
+            for k in range(4 * quota + 8):
+                if len(state.made[op]) >= quota:
+                    break
+                candidate = edit(state.text, op, state.mask_count, self._rng(state.sample_id, op, k))
+                if candidate is None:
+                    break
+                state.offer(op, candidate, quota)
+
+    def _run_fill(self, states: list[_RowState], quota: int) -> None:
+        """Fill neighbours for all rows, batched; rows whose fills collide get up to two more rounds."""
+        active = [r for r, s in enumerate(states) if s.mask_count > 0]
+        for _ in range(_FILL_ROUNDS):
+            requests = []
+            for r in active:
+                state = states[r]
+                for _ in range(quota - len(state.made["fill"])):
+                    k = state.attempts["fill"]
+                    state.attempts["fill"] = k + 1
+                    rng = self._rng(state.sample_id, "fill", k)
+                    requests.append(fill_request(r, state.text, state.mask_count, rng))
+            if not requests:
+                return
+            for request, fills in zip(requests, self.loaded().fill(requests)):
+                states[request.row].offer("fill", request.build(fills), quota)
+            active = [r for r in active if len(states[r].made["fill"]) < quota]
+
+    def _warn_short(self, states: list[_RowState], counts: list[int]) -> None:
+        short = [f"{s.sample_id} ({n})" for s, n in zip(states, counts) if n < self.num_neighbors]
+        if short:
+            warnings.warn(
+                f"{len(short)} sample(s) got fewer than {self.num_neighbors} distinct neighbours because their "
+                f"text is too short (see the 'num_neighbors' column): {', '.join(short[:10])}"
+                + (" ..." if len(short) > 10 else ""),
+                stacklevel=2,
+            )
+
+    def _media_for(self, batch: dict[str, list], j: int, count: int, folder: Path, context: StageContext) -> list[str]:
+        """Row `j`'s perturbed media, one file per neighbour, named by sample and index and seeded by
+        (seed, sample_id, k)."""
+        modality, sample_id = context.media_column, batch[SAMPLE_ID][j]
+        value = batch[modality][j]
+        if value is None or count == 0:
+            return []
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", str(sample_id))[:48] + f"-{derive_seed(sample_id) % 16**8:08x}"
+        seeds = [derive_seed(self.seed, sample_id, "media", k) for k in range(count)]
+        try:
+            return write_perturbed(modality, value, seeds, folder, stem, self.media)
+        except MediaError as err:
+            raise MediaError(f"{context.where(batch, j)}, column {modality!r}: {err}") from err

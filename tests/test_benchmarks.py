@@ -1,0 +1,56 @@
+"""Benchmarks: both ways compute the same results; `fimmia-hf bench` runs any registered benchmark by name."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+from fimmia_hf.cli import main
+
+
+def test_score_benchmark_scores_equal_in_each_layout() -> None:
+    from fimmia_hf.benchmarks.score import benchmark
+
+    result = benchmark(n_samples=1, k=4, size="tiny", image_size=(112, 112))
+    assert result["max_abs_diff"] < 1e-4 and result["items"] == 5
+    # with the media first, every neighbour reuses the cached media and header: fewer positions run
+    assert result["token_ratio_media_first"] > result["token_ratio_media_last"] > 1
+    assert result["speedup"] > 0  # the wall-time ratio is a benchmark figure, not asserted
+
+
+def test_neighbors_benchmark_makes_fewer_generate_calls() -> None:
+    from fimmia_hf.benchmarks.neighbors import benchmark
+
+    result = benchmark(n_samples=1, words=40)
+    ours, reference = result["generate_calls"]
+    assert ours <= 3 and reference == 6 * result["masks_per_neighbor"]
+    assert result["neighbors_made"] == 6 and result["speedup"] > 0  # the wall-time ratio is not asserted
+
+
+@pytest.mark.slow
+def test_embed_benchmark_batched_equals_one_by_one() -> None:
+    from fimmia_hf.benchmarks.embed import benchmark
+
+    result = benchmark(16, k=4)
+    assert result["speedup"] > 0 and result["max_abs_diff"] < 1e-5  # the ratio itself is a benchmark figure, not a test
+
+
+def test_bench_runs_a_registered_benchmark_by_name(monkeypatch, tmp_path, capsys) -> None:
+    """A new benchmark is one module plus its name in the registry (as `bench attack` will be)."""
+    for name, ratio in (("toy", 1.5), ("other", 2.0)):
+        module = types.ModuleType(f"fimmia_hf.benchmarks.{name}")
+        module.benchmark = lambda n_samples=3, ratio=ratio: {"n_samples": n_samples, "ratio": ratio}
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr("fimmia_hf.benchmarks.runner.BENCHMARKS", ("toy", "other"))
+
+    assert main(["bench", "toy", "--json", str(tmp_path / "one.json")]) == 0
+    assert json.loads((tmp_path / "one.json").read_text()) == {"n_samples": 3, "ratio": 1.5}  # its own default
+    assert "toy          ratio" in capsys.readouterr().out
+    assert main(["bench", "--samples", "5", "--json", str(tmp_path / "all.json")]) == 0  # default: all of them
+    assert json.loads((tmp_path / "all.json").read_text()) == {
+        "toy": {"n_samples": 5, "ratio": 1.5}, "other": {"n_samples": 5, "ratio": 2.0}}
+    assert main(["bench", "nope"]) == 2
+    assert "unknown benchmark(s) ['nope']; choose from toy, other" in capsys.readouterr().err
