@@ -169,6 +169,20 @@ def detector_columns(config: Any, columns: Sequence[str]) -> list[str]:
     return [c for c in columns if c in wanted]
 
 
+def missing_inputs(config: Any, columns: Sequence[str]) -> list[str]:
+    """What a table lacks for a detector with ``config`` (empty: `predict` scores it as it is), in words."""
+    has_deltas = "neighbor_mask" in columns
+    needed = [] if has_deltas else [
+        *(LOSS_COLUMNS if config.uses_loss else ()), *(EMBEDDING_COLUMNS if config.uses_embeddings else ()),
+        *(MEDIA_COLUMNS if config.uses_media else ()),
+    ]
+    missing = [f"column {c!r}" for c in needed if c not in columns]
+    if config.uses_statistics:
+        absent = [n for n in config.sample_statistics if n not in computable_statistics(columns)]
+        missing += [f"the columns of the sample statistics {absent}"] if absent else []
+    return missing
+
+
 def computable_statistics(columns: Sequence[str]) -> list[str]:
     """Names of the sample statistics (classic-attack scores) that a table with these columns allows."""
     from .attacks import available_attacks
@@ -483,6 +497,7 @@ __all__ = [
     "fit_normalization",
     "fit_statistics",
     "iter_rows",
+    "missing_inputs",
     "membership_dataset",
     "paired_dataset",
     "sample_features",

@@ -537,12 +537,18 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag`` per field, all defaulting to None so that YAML values apply unless given on the line."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str] | None = None) -> None:
+    """One ``--flag`` per field of ``cls`` (help texts from ``helps``), all defaulting to None so that YAML values
+    apply unless given on the line; a bool field gets ``--flag`` / ``--no-flag``."""
+    helps = _HELP if helps is None else helps
     parser.add_argument("--config", default=None, help="YAML file with any of the arguments below")
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
         kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+        if kind == "bool":
+            text = helps.get(field.name, field.name.replace("_", " ")) + f" (default: {field.default})"
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            continue
         if "dict" in kind:
             parse: Any = _json_object
         elif "float" in kind:
@@ -552,13 +558,13 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None
         else:
             parse = str
         default = field.default if field.default is not dataclasses.MISSING else "{}"
-        text = _HELP.get(field.name, field.name.replace("_", " "))
+        text = helps.get(field.name, field.name.replace("_", " "))
         if "default" not in text:
             text += f" (default: {default})"
         parser.add_argument(flag, dest=field.name, type=parse, default=None, help=text)
 
 
-def _resolve(cls: type, args: argparse.Namespace) -> Any:
+def resolve_arguments(cls: type, args: argparse.Namespace) -> Any:
     """Dataclass defaults, overridden by the YAML file, overridden by flags given on the command line."""
     import yaml
 
@@ -582,13 +588,13 @@ def _resolve(cls: type, args: argparse.Namespace) -> Any:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of ``fimmia-hf train``."""
-    _add_dataclass_arguments(parser, TrainConfig)
+    add_dataclass_arguments(parser, TrainConfig)
     return parser
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of ``fimmia-hf predict``."""
-    _add_dataclass_arguments(parser, PredictConfig)
+    add_dataclass_arguments(parser, PredictConfig)
     return parser
 
 
@@ -604,7 +610,7 @@ def _protocol_data(single: str | None, base: str | None, finetuned: str | None, 
 
 def run_train(args: argparse.Namespace) -> Path:
     """``fimmia-hf train``: returns the output folder."""
-    cfg = _resolve(TrainConfig, args)
+    cfg = resolve_arguments(TrainConfig, args)
     if not cfg.output_dir:
         raise ValueError("--output-dir is required")
     train = _protocol_data(cfg.train, cfg.train_base, cfg.train_finetuned, "train")
@@ -634,7 +640,7 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
     """``fimmia-hf predict``: writes predictions (Parquet or CSV) and a metrics JSON; returns the metrics."""
     from .metrics import json_safe, membership_metrics
 
-    cfg = _resolve(PredictConfig, args)
+    cfg = resolve_arguments(PredictConfig, args)
     if not cfg.model or not cfg.output:
         raise ValueError("--model and --output are required")
     out = Path(cfg.output)
