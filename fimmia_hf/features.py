@@ -26,6 +26,7 @@ EMBEDDING_COLUMNS = ("embedding", "neighbor_embeddings")
 MEDIA_COLUMNS = ("media_embedding", "neighbor_media_embeddings")
 FEATURE_COLUMNS = ("loss_delta", "embedding_delta", "media_delta", "neighbor_mask")
 DUPLICATE_CORRELATION = 0.99
+STATISTICS_COLUMN = "sample_statistics"  # added by `with_statistics` (training only)
 _STATISTICS_INPUTS = ("sample_id", "answer", "loss", "neighbor_losses", "lowercase_loss", "reference_loss")
 
 
@@ -229,6 +230,14 @@ def _distinct(values: np.ndarray) -> np.ndarray:
     return keep
 
 
+def with_statistics(ds: Any, names: Sequence[str]) -> Any:
+    """``ds`` with a ``sample_statistics`` column holding :func:`sample_statistics` of each row, computed once (the
+    collator reads it instead of recomputing the attacks every epoch)."""
+    values = statistics_matrix(ds, names).tolist()
+    ds = ds.remove_columns(STATISTICS_COLUMN) if STATISTICS_COLUMN in ds.column_names else ds
+    return ds.add_column(STATISTICS_COLUMN, values)
+
+
 def fit_statistics(train: Any, names: Sequence[str] | None = None, *, batch_size: int = 1024) -> dict[str, list]:
     """Names, means and true standard deviations of the sample statistics on the **training split only** (store
     them with ``FiMMIAConfig.set_normalization``).
@@ -427,8 +436,9 @@ class FiMMIADataCollator:
     """Turns rows (scored or with feature columns) into padded tensors for
     :class:`~fimmia_hf.modeling_fimmia.FiMMIAForMembershipInference`: ``loss_delta [B, K]``,
     ``embedding_delta [B, K, D]``, ``media_delta [B, K, Dm]``, ``sample_statistics [B, S]`` (the named
-    ``statistics``, for the combined head), ``neighbor_mask [B, K]`` and ``labels [B]`` (when every row has a
-    label). K is the largest neighbour count in the batch; padding is masked."""
+    ``statistics``, for the combined head; read from the rows' ``sample_statistics`` column where
+    ``precomputed``, see :func:`with_statistics`), ``neighbor_mask [B, K]`` and ``labels [B]`` (when every row has
+    a label). K is the largest neighbour count in the batch; padding is masked."""
 
     def __init__(
         self,
@@ -439,17 +449,19 @@ class FiMMIADataCollator:
         embedding_dim: int | None = None,
         media_embedding_dim: int | None = None,
         statistics: Sequence[str] | None = None,
+        precomputed: bool = False,
     ) -> None:
         self.kwargs = dict(
             use_loss=use_loss, use_embeddings=use_embeddings, use_media=use_media,
             embedding_dim=embedding_dim, media_embedding_dim=media_embedding_dim,
         )
         self.statistics = list(statistics) if statistics else None
+        self.precomputed = precomputed
 
     @classmethod
-    def from_config(cls, config: Any) -> FiMMIADataCollator:
+    def from_config(cls, config: Any, *, precomputed: bool = False) -> FiMMIADataCollator:
         """The inputs a detector config needs (the blind ``embedding_only`` head needs no losses)."""
-        return cls(
+        return cls(precomputed=precomputed,
             use_loss=config.uses_loss, use_embeddings=config.uses_embeddings, use_media=config.uses_media,
             embedding_dim=config.embedding_dim if config.uses_embeddings else None,
             media_embedding_dim=config.media_embedding_dim if config.uses_media else None,
@@ -480,8 +492,8 @@ class FiMMIADataCollator:
                 arr[i, : f[name].shape[0]] = f[name]
             out[name] = torch.from_numpy(arr)
         if self.statistics:
-            values = np.stack([sample_statistics(r, self.statistics) for r in rows]).astype(np.float32)
-            out["sample_statistics"] = torch.from_numpy(values)
+            values = [r[STATISTICS_COLUMN] if self.precomputed else sample_statistics(r, self.statistics) for r in rows]
+            out["sample_statistics"] = torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(len(rows), -1))
         labels = [r.get("label") for r in rows]
         if all(lab is not None for lab in labels):
             out["labels"] = torch.tensor([int(lab) for lab in labels], dtype=torch.long)
@@ -504,4 +516,5 @@ __all__ = [
     "sample_statistics",
     "statistics_columns",
     "statistics_matrix",
+    "with_statistics",
 ]

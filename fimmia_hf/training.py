@@ -30,13 +30,14 @@ from .features import (
     EMBEDDING_COLUMNS,
     LOSS_COLUMNS,
     MEDIA_COLUMNS,
+    STATISTICS_COLUMN,
     FiMMIADataCollator,
     detector_columns,
     fit_normalization,
     fit_statistics,
     membership_dataset,
     paired_dataset,
-    statistics_matrix,
+    with_statistics,
 )
 
 logger = logging.getLogger(__name__)
@@ -288,7 +289,7 @@ def _fit_direct_path(model: Any, train: Any, seed: int) -> float:
     import torch
 
     cfg = model.config
-    x = statistics_matrix(train, cfg.sample_statistics)
+    x = np.asarray(train[STATISTICS_COLUMN], dtype=np.float64)
     y = np.asarray(train["label"], dtype=int)
     groups = np.asarray(train["sample_id"]) if "sample_id" in train.column_names else np.arange(len(y))
     keep = np.isfinite(x).all(axis=1)
@@ -355,6 +356,8 @@ def train_detector(
     transformers.set_seed(seed)
     model = FiMMIAForMembershipInference(cfg)
     if cfg.uses_statistics:
+        train = with_statistics(train, cfg.sample_statistics)
+        eval_ds = with_statistics(eval_ds, cfg.sample_statistics) if eval_ds is not None else None
         summary["statistics_fit"] = {"names": cfg.sample_statistics, "C": _fit_direct_path(model, train, seed)}
     has_eval = eval_ds is not None
     args_dict: dict[str, Any] = dict(
@@ -391,7 +394,7 @@ def train_detector(
         args=args,
         train_dataset=train,
         eval_dataset=eval_ds,
-        data_collator=FiMMIADataCollator.from_config(cfg),
+        data_collator=FiMMIADataCollator.from_config(cfg, precomputed=cfg.uses_statistics),
         compute_metrics=_compute_metrics if has_eval else None,
         preprocess_logits_for_metrics=_scores_only if has_eval else None,
         callbacks=[callback],
