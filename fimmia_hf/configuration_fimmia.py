@@ -57,8 +57,8 @@ class FiMMIAConfig(PreTrainedConfig):
         sample_statistics: names of the classic-attack scores the combined head reads (``fimmia_hf.attacks``
             names: ``loss``, ``zlib``, ``min_k_pp_20``, ``neighborhood``, ...; set by training from the columns);
             sample_statistics_mean / sample_statistics_std: their training-split mean and true std.
-        statistics_projection_dim: width of the combined head's statistics branch inside the MLP (small: 64
-            training samples must still find one strong statistic).
+        statistics_projection_dim: width of the combined head's statistics branch inside the MLP (small, beside
+            the direct path that carries the statistics themselves).
         embedding_dim / media_embedding_dim: sizes of the text / media embedding deltas (0 = no media branch).
         projection_dim: width of every branch output (512 in the original).
         hidden_sizes: widths of the attack MLP after the concatenated branches (512, 256, 128, 64, 32) → 2.
@@ -171,8 +171,8 @@ class FiMMIAConfig(PreTrainedConfig):
                 raise ValueError(f"{key} must hold one finite value per statistic ({len(names)}), got {values}")
         if not all(v > 0 for v in self.sample_statistics_std):
             raise ValueError(f"sample_statistics_std must be > 0, got {self.sample_statistics_std}")
-        if self.statistics_projection_dim < 0:
-            raise ValueError(f"statistics_projection_dim must be >= 0, got {self.statistics_projection_dim}")
+        if self.statistics_projection_dim < 1:
+            raise ValueError(f"statistics_projection_dim must be >= 1, got {self.statistics_projection_dim}")
 
     def set_normalization(self, stats: dict[str, Any]) -> None:
         """Store statistics of the training split: from :func:`fimmia_hf.features.fit_normalization` (``loss_mean``,

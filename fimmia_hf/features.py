@@ -150,14 +150,14 @@ def sample_features(
     return out
 
 
-def iter_rows(ds: Any, batch_size: int = 1024) -> Any:
+def _iter_rows(ds: Any, batch_size: int = 1024) -> Any:
     """The rows of a `datasets.Dataset` as dicts, read a batch at a time (faster than indexing row by row)."""
     for batch in ds.iter(batch_size=batch_size):
         n = len(next(iter(batch.values()), []))
         yield from ({key: values[i] for key, values in batch.items()} for i in range(n))
 
 
-def statistics_columns(columns: Sequence[str]) -> list[str]:
+def _statistics_columns(columns: Sequence[str]) -> list[str]:
     """The columns of a table the classic attacks read (the scorer's per-token lists among them)."""
     return [c for c in columns if c in _STATISTICS_INPUTS or c.startswith("token_")]
 
@@ -166,7 +166,7 @@ def detector_columns(config: Any, columns: Sequence[str]) -> list[str]:
     """The columns of a table that a detector with ``config`` reads (nothing else, e.g. media, is copied)."""
     wanted = {"sample_id", *LOSS_COLUMNS, *EMBEDDING_COLUMNS, *MEDIA_COLUMNS, *FEATURE_COLUMNS}
     if config.uses_statistics:
-        wanted.update(statistics_columns(columns))
+        wanted.update(_statistics_columns(columns))
     return [c for c in columns if c in wanted]
 
 
@@ -198,7 +198,7 @@ def sample_statistics(row: Mapping[str, Any], names: Sequence[str]) -> np.ndarra
 
     if not math.isfinite(_scalar(row.get("loss"))):
         return np.full(len(names), math.nan)
-    table = {c: [row[c]] for c in statistics_columns(list(row))}
+    table = {c: [row[c]] for c in _statistics_columns(list(row))}
     try:
         scores = score_all(table)
     except ValueError as err:
@@ -214,8 +214,8 @@ def sample_statistics(row: Mapping[str, Any], names: Sequence[str]) -> np.ndarra
 
 def statistics_matrix(ds: Any, names: Sequence[str], *, batch_size: int = 1024) -> np.ndarray:
     """``[rows, len(names)]`` float64: :func:`sample_statistics` of every row of a `datasets.Dataset`."""
-    view = ds.select_columns(statistics_columns(ds.column_names))
-    return np.array([sample_statistics(row, names) for row in iter_rows(view, batch_size)]).reshape(-1, len(names))
+    view = ds.select_columns(_statistics_columns(ds.column_names))
+    return np.array([sample_statistics(row, names) for row in _iter_rows(view, batch_size)]).reshape(-1, len(names))
 
 
 def _distinct(values: np.ndarray) -> np.ndarray:
@@ -461,11 +461,11 @@ class FiMMIADataCollator:
     @classmethod
     def from_config(cls, config: Any, *, precomputed: bool = False) -> FiMMIADataCollator:
         """The inputs a detector config needs (the blind ``embedding_only`` head needs no losses)."""
-        return cls(precomputed=precomputed,
+        return cls(
             use_loss=config.uses_loss, use_embeddings=config.uses_embeddings, use_media=config.uses_media,
             embedding_dim=config.embedding_dim if config.uses_embeddings else None,
             media_embedding_dim=config.media_embedding_dim if config.uses_media else None,
-            statistics=config.sample_statistics if config.uses_statistics else None,
+            statistics=config.sample_statistics if config.uses_statistics else None, precomputed=precomputed,
         )
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -508,13 +508,11 @@ __all__ = [
     "detector_columns",
     "fit_normalization",
     "fit_statistics",
-    "iter_rows",
     "missing_inputs",
     "membership_dataset",
     "paired_dataset",
     "sample_features",
     "sample_statistics",
-    "statistics_columns",
     "statistics_matrix",
     "with_statistics",
 ]

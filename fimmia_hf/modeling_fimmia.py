@@ -11,9 +11,11 @@ Deltas cannot see how low a sample's loss is, which is the strongest signal once
 ``combined`` head also reads the sample's own statistics (the classic attacks' scores: loss, zlib ratio, Min-K%++,
 MaxRényi, neighbourhood...), z-normalised with training-split statistics, through a small MLP branch and a
 direct linear path to the logits. The direct path makes every classic attack one setting of the weights (a
-single statistic, the rest zero), which a logistic fit on 64 samples can still find. Module names follow the original's released layout
-(`loss_component`, `embedding_component`, `attack_encoding`), so its weights load by name; unlike the
-original there is no ReLU on the logits (it clamped them at 0, turning P into 0.5).
+single statistic, the rest zero), which a logistic fit on 64 samples can still find.
+
+Module names follow the original's released layout (`loss_component`, `embedding_component`,
+`attack_encoding`), so its weights load by name; unlike the original there is no ReLU on the logits (it clamped
+them at 0, turning P into 0.5).
 """
 
 import math
@@ -101,8 +103,7 @@ class FiMMIAForMembershipInference(PreTrainedModel):
         width = n_blocks * p
         if config.uses_statistics:
             n_stats, sp = len(config.sample_statistics), config.statistics_projection_dim
-            if sp:
-                self.statistics_component = nn.Sequential(nn.Linear(n_stats, sp), nn.Dropout(dropout), nn.ReLU())
+            self.statistics_component = nn.Sequential(nn.Linear(n_stats, sp), nn.Dropout(dropout), nn.ReLU())
             self.statistics_logits = nn.Linear(n_stats, 2)  # the direct path: a logistic regression on the statistics
             width += sp
         layers: list[nn.Module] = []
@@ -223,7 +224,7 @@ class FiMMIAForMembershipInference(PreTrainedModel):
             m = media_delta.to(device=device, dtype=dtype)
             m = torch.where(mask[..., None], m, torch.zeros_like(m))
             blocks.append(self.media_component(m.reshape(batch * k, -1)))
-        if statistics is not None and self.config.statistics_projection_dim:
+        if statistics is not None:
             blocks.append(self.statistics_component(statistics).repeat_interleave(k, dim=0))
         logits = self.attack_encoding(torch.cat(blocks, dim=-1)).reshape(batch, k, 2)
         if statistics is not None:

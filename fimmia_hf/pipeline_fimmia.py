@@ -126,7 +126,7 @@ class MembershipInferencePipeline(Pipeline):
         self._stages: dict[str, Any] = {}
         if DEFAULT_FPR not in (getattr(cfg, "decision_thresholds", None) or {}):
             warnings.warn(
-                f"this detector has no decision threshold calibrated at FPR {DEFAULT_FPR} (it was trained without a "
+                f"this detector has no decision threshold calibrated at FPR {DEFAULT_FPR} (e.g. it was trained without a "
                 f"validation split): labels use score > {cfg.threshold} (config.threshold), which bounds no "
                 "false-positive rate",
                 UserWarning, stacklevel=2,
