@@ -76,7 +76,7 @@ def _audit(tmp_path, *argv: str) -> dict:
 def sets(absolute_loss_signal, tmp_path_factory):
     """Scored tables: members of a fine-tuned target (suspect), non-members (reference), and non-members whose
     prompts come from another template (a shifted reference)."""
-    ds = absolute_loss_signal(120, effect=0.6)
+    ds = absolute_loss_signal(80, effect=0.8)
     root = tmp_path_factory.mktemp("sets")
     members, nonmembers = ds.filter(lambda r: r["label"] == 1), ds.filter(lambda r: r["label"] == 0)
     shifted = nonmembers.map(lambda r: {"input": f"Другой шаблон, вопрос {r['sample_id']}: выберите ответ"})
@@ -90,12 +90,26 @@ def sets(absolute_loss_signal, tmp_path_factory):
 
 def test_audit_with_a_classic_attack_finds_the_training_set(sets, tmp_path, capsys) -> None:
     result = _audit(tmp_path, "--suspect", sets["suspect"], "--reference", sets["reference"], "--score", "loss",
-                    "--search", "fast")
+                    "--no-blind")
     di = result["dataset_inference"]
-    assert di["n_suspect"] == di["n_reference"] == 60 and di["test"] == "welch" and result["significant"]
-    assert di["p_value"] < 1e-3 and not result["shift_detected"] and "permuted_labels" in result["blind_baselines"]
+    assert di["n_suspect"] == di["n_reference"] == 40 and di["test"] == "welch" and result["significant"]
+    assert di["p_value"] < 1e-3 and result["without_score"] == {"suspect": 0, "reference": 0}
     assert result["verdict"].startswith("EVIDENCE that the target was trained on the suspect set")
     assert "EVIDENCE" in capsys.readouterr().out
+
+
+def test_verdict_names_the_baselines_that_separate_the_sets() -> None:
+    from fimmia_hf.audit import _shift, _verdict
+
+    found = dataset_inference([0.9, 0.8, 0.7, 0.6], [0.1, 0.2, 0.3, 0.65])
+    at_chance = {"bag_of_words": {"auc": 0.52, "auc_ci": [0.40, 0.63]}, "permuted_labels": {"auc": 0.7, "auc_ci": [0.6, 0.8]}}
+    assert _shift(at_chance) == []  # the permuted-label sanity run is no baseline
+    assert _verdict(found, 0.05, at_chance, []).endswith("no blind baseline tells the sets apart.")
+    subtle = {**at_chance, "date_detection": {"auc": 0.57, "auc_ci": [0.52, 0.62]}}  # below 0.6, but not chance
+    assert _shift(subtle) == ["date_detection"]
+    assert _verdict(found, 0.05, subtle, ["date_detection"]).startswith("INCONCLUSIVE")
+    nothing = dataset_inference([0.1, 0.2, 0.3], [0.1, 0.2, 0.35])
+    assert "may not be a valid control" in _verdict(nothing, 0.05, subtle, ["date_detection"])
 
 
 def test_audit_says_when_a_shift_may_explain_the_p_value(sets, tmp_path) -> None:
@@ -127,7 +141,7 @@ def test_audit_input_errors(sets, tmp_path) -> None:
         _audit(tmp_path, "--suspect", sets["suspect"], "--reference", sets["reference"])
     with pytest.raises(ValueError, match=r"no classic attack 'lowercase' \(lowercase: missing column\(s\) 'lowercase_loss'"):
         _audit(tmp_path, "--suspect", sets["suspect"], "--reference", sets["reference"], "--score", "lowercase")
-    with pytest.raises(ValueError, match="60 sample\\(s\\) are in both"):
+    with pytest.raises(ValueError, match="40 sample\\(s\\) are in both"):
         _audit(tmp_path, "--suspect", sets["reference"], "--reference", sets["reference"], "--score", "loss")
 
 
@@ -150,8 +164,10 @@ def test_audit_scores_raw_sample_tables_through_the_pipeline(tiny_model, synthet
         neighbor_kwargs={"ops": ["delete", "swap"]}, sample_statistics=["loss", "min_k_pp_20"],
     )
     FiMMIAForMembershipInference(config).save_pretrained(tmp_path / "det")
-    result = _audit(tmp_path, "--suspect", str(tmp_path / "suspect.csv"), "--reference", str(tmp_path / "reference.csv"),
-                    "--detector", str(tmp_path / "det"), "--media-root", str(Path(csv).parent), "--no-blind")
+    with pytest.warns(UserWarning, match="no decision threshold"):  # the pipeline says the detector is uncalibrated
+        result = _audit(tmp_path, "--suspect", str(tmp_path / "suspect.csv"), "--reference",
+                        str(tmp_path / "reference.csv"), "--detector", str(tmp_path / "det"), "--media-root",
+                        str(Path(csv).parent), "--no-blind")
     assert "not scored for this detector" in capsys.readouterr().out
     di = result["dataset_inference"]
     assert di["n_suspect"] + di["n_reference"] == 8 and 0.0 <= di["p_value"] <= 1.0
