@@ -41,6 +41,8 @@ _LAZY = {
     "push_features": "hub",
     "load_features": "hub",
     "build_report": "report",
+    "dataset_inference": "audit",
+    "DatasetInferenceResult": "audit",
 }
 
 __all__ = ["FiMMIAConfig", *_LAZY]

@@ -10,6 +10,8 @@ The detector classifies each neighbour independently, so the valid pairs of a ba
 ``[N, 1, ...]`` inputs; padded or masked neighbours are never fed to the network and get zero attribution.
 With the default zero baseline, IG integrates from "the neighbour is identical to the original" (ΔL = 0,
 Δe = 0) to the observed deltas; ΔL normalisation happens inside the model, so attributions are in raw units.
+The combined head's sample statistics (loss, Min-K%++, ...) are a fourth group, one vector per sample repeated over
+its neighbours; for them the ``mean`` baseline is the meaningful one (a raw loss of 0 is no neutral sample).
 
 Outputs: an :class:`AttributionResult` with one row per (sample, neighbour), the share of |attribution| that
 each group takes (overall and per label), the IG convergence delta, a pair plot and a bar chart of the shares.
@@ -38,7 +40,8 @@ logger = logging.getLogger(__name__)
 METHODS = ("integrated_gradients", "saliency", "input_x_gradient")
 BASELINES = ("zeros", "mean")
 # group name -> model input; order is the order of the model's branches
-GROUP_INPUTS = {"loss": "loss_delta", "embedding": "embedding_delta", "media": "media_delta"}
+GROUP_INPUTS = {"loss": "loss_delta", "embedding": "embedding_delta", "media": "media_delta",
+                "statistics": "sample_statistics"}  # statistics: the combined head's, one vector per sample
 # input elements per captum chunk (bounds memory when embeddings are 4096-d and IG multiplies rows by n_steps)
 _ELEMENT_BUDGET = 2**25
 _CONTEXT_COLUMNS = ("sample_id", "ds_name", "model_role", "label")
@@ -142,8 +145,17 @@ def _load_data(ds: Any) -> Any:
 
 
 def _groups(config: Any) -> list[str]:
-    flags = {"loss": config.uses_loss, "embedding": config.uses_embeddings, "media": config.uses_media}
+    flags = {"loss": config.uses_loss, "embedding": config.uses_embeddings, "media": config.uses_media,
+             "statistics": config.uses_statistics}
     return [g for g in GROUP_INPUTS if flags[g]]
+
+
+def _group_values(batch: dict[str, Any], groups: list[str]) -> dict[str, Any]:
+    """Each group's collated input, per neighbour slot: a sample's statistics repeat over its K slots."""
+    values = {g: batch[GROUP_INPUTS[g]].float() for g in groups}
+    if "statistics" in values:
+        values["statistics"] = values["statistics"][:, None, :].expand(-1, batch["neighbor_mask"].shape[1], -1)
+    return values
 
 
 def _label_of(value: Any) -> int | None:
@@ -167,8 +179,8 @@ def _dataset_mean(view: Any, collator: Any, groups: list[str], batch_size: int) 
         batch = _collate(view, collator, start, batch_size)
         mask = batch["neighbor_mask"]
         count += int(mask.sum())
-        for g in groups:
-            x = batch[GROUP_INPUTS[g]][mask].double().sum(0)
+        for g, value in _group_values(batch, groups).items():
+            x = value[mask].double().sum(0)
             sums[g] = x if g not in sums else sums[g] + x
     if count == 0:
         raise ValueError("no valid neighbour in the data: cannot compute a 'mean' baseline")
@@ -300,7 +312,7 @@ def attribute(
     import torch
     from tqdm.auto import tqdm
 
-    from .features import EMBEDDING_COLUMNS, FEATURE_COLUMNS, LOSS_COLUMNS, MEDIA_COLUMNS, FiMMIADataCollator
+    from .features import FiMMIADataCollator, detector_columns
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -323,8 +335,8 @@ def attribute(
         raise ValueError("no samples to attribute")
     groups = _groups(detector.config)
     collator = FiMMIADataCollator.from_config(detector.config)
-    wanted = (*_CONTEXT_COLUMNS, *LOSS_COLUMNS, *EMBEDDING_COLUMNS, *MEDIA_COLUMNS, *FEATURE_COLUMNS)
-    view = data.select_columns([c for c in wanted if c in data.column_names])
+    wanted = {*_CONTEXT_COLUMNS, *detector_columns(detector.config, data.column_names)}
+    view = data.select_columns([c for c in data.column_names if c in wanted])
     context = {c: list(data[c]) for c in _CONTEXT_COLUMNS if c in data.column_names}
 
     if device is not None:
@@ -349,7 +361,7 @@ def attribute(
             for start in tqdm(starts, desc=f"attribution ({method})", disable=not progress):
                 batch = _collate(view, collator, start, batch_size)
                 mask = batch["neighbor_mask"]
-                values = {g: batch[GROUP_INPUTS[g]].float() for g in groups}
+                values = _group_values(batch, groups)
                 record: dict[str, Any] = {"mask": mask, "values": values, "attr": {}, "delta": None}
                 n_pairs = int(mask.sum())
                 if n_pairs:
@@ -357,6 +369,8 @@ def attribute(
                     flat = {g: values[g][mask].reshape(n_pairs, 1, -1) for g in groups}
                     if "loss" in flat:
                         flat["loss"] = flat["loss"].reshape(n_pairs, 1)
+                    if "statistics" in flat:  # the model takes one statistics vector per (one-neighbour) sample
+                        flat["statistics"] = flat["statistics"].reshape(n_pairs, -1)
                     inputs = tuple(flat[g].to(dev).requires_grad_() for g in groups)
                     if means is None:
                         bases = tuple(torch.zeros_like(t) for t in inputs)

@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attribute": ("attribution", "gradient attribution of the detector's input groups (ΔL vs Δe vs Δm), with graphs"),
     "shift": ("shift", "blind (model-free) baselines: is the member/non-member split shifted?"),
     "push": ("hub", "push a detector (with its model card) to the Hugging Face Hub"),
+    "audit": ("audit", "dataset-level inference: was the target trained on this set? (test against known "
+              "non-members, with a distribution-shift check)"),
     "demo": ("demo", "the whole pipeline end to end on synthetic data with tiny models (no network)"),
     "bench": ("benchmarks.runner", "benchmarks: each stage vs its naive loop, end-to-end throughput, memory"),
 }

@@ -5,16 +5,17 @@ doubles as Hub remote code.
 
 Everything a model card or the `membership-inference` pipeline needs later lives here: the component model
 ids (target, neighbour generator, embedders) and the settings their stages ran with, the number of neighbours,
-the protocol, the decision threshold and the loss-normalisation statistics (a true standard deviation, unlike
-the original's variance).
+the protocol, the decision thresholds calibrated by false-positive rate and the normalisation statistics of the
+training split (true standard deviations, unlike the original's variance).
 """
 
 import json
+import math
 from typing import Any
 
 from transformers import PreTrainedConfig
 
-HEADS = ("fimmia", "loss_only", "embedding_only")
+HEADS = ("fimmia", "loss_only", "embedding_only", "combined")
 LOSS_NORMS = ("none", "std", "minmax", "periodic")
 PROTOCOLS = ("paired", "member")
 STAGE_SETTINGS = ("neighbor_kwargs", "embedding_kwargs", "media_embedding_kwargs", "scorer_kwargs")
@@ -28,12 +29,36 @@ def _is_json(value: Any) -> bool:
     return True
 
 
+def fpr_key(level: float) -> str:
+    """The key of a false-positive-rate level in ``decision_thresholds``: 0.01 -> "0.01"."""
+    return f"{float(level):g}"
+
+
+def _check_thresholds(thresholds: dict[str, float]) -> None:
+    for key, value in thresholds.items():
+        try:
+            level = float(key)
+        except ValueError:
+            level = math.nan
+        if not 0.0 < level < 1.0 or key != fpr_key(level):
+            raise ValueError(f"decision_thresholds keys are FPR levels in (0, 1) written like '0.01', got {key!r}")
+        if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            raise ValueError(f"decision_thresholds[{key!r}] must be a score in [0, 1], got {value!r}")
+
+
 class FiMMIAConfig(PreTrainedConfig):
     """Configuration of :class:`FiMMIAForMembershipInference`.
 
     Architecture
-        head: ``"fimmia"`` (loss branch + text-embedding branch [+ media branch]), ``"loss_only"`` or
-            ``"embedding_only"`` (model-free blind control: embedding deltas only).
+        head: ``"fimmia"`` (loss branch + text-embedding branch [+ media branch]), ``"loss_only"``,
+            ``"embedding_only"`` (model-free blind control: embedding deltas only) or ``"combined"`` (the fimmia
+            branches plus the sample's own statistics, with a direct linear path from them to the logits, so it can
+            represent every classic attack).
+        sample_statistics: names of the classic-attack scores the combined head reads (``fimmia_hf.attacks``
+            names: ``loss``, ``zlib``, ``min_k_pp_20``, ``neighborhood``, ...; set by training from the columns);
+            sample_statistics_mean / sample_statistics_std: their training-split mean and true std.
+        statistics_projection_dim: width of the combined head's statistics branch inside the MLP (small, beside
+            the direct path that carries the statistics themselves).
         embedding_dim / media_embedding_dim: sizes of the text / media embedding deltas (0 = no media branch).
         projection_dim: width of every branch output (512 in the original).
         hidden_sizes: widths of the attack MLP after the concatenated branches (512, 256, 128, 64, 32) → 2.
@@ -44,7 +69,11 @@ class FiMMIAConfig(PreTrainedConfig):
     Provenance (model card / pipeline)
         num_neighbors, modality, protocol (``paired`` base-vs-fine-tuned or ``member`` member/non-member;
         None = unknown, set by training from the data), target_model, neighbor_model, embedding_model,
-        media_embedding_model, threshold (score > threshold ⇒ "member"), card_data (filled by training).
+        media_embedding_model, card_data (filled by training).
+        decision_thresholds: ``{"0.01": t, "0.05": t}``, score thresholds calibrated by training on its
+            validation split (score > t ⇒ "member" keeps the FPR on those non-members at or below the level);
+            None when the detector was trained without one.
+        threshold: the fallback decision threshold where no calibrated one exists (score > threshold ⇒ "member").
         neighbor_kwargs / embedding_kwargs / media_embedding_kwargs / scorer_kwargs: the settings the training
             features were made with (e.g. ``{"ops": ["delete", "fill"], "seed": 3}``); the pipeline starts from
             them, so a detector from the Hub computes its features as it was trained (JSON values only).
@@ -64,6 +93,10 @@ class FiMMIAConfig(PreTrainedConfig):
     loss_min: float = 0.0
     loss_max: float = 1.0
     periodic_sigma: float = 10.0
+    sample_statistics: list[str] | None = None
+    sample_statistics_mean: list[float] | None = None
+    sample_statistics_std: list[float] | None = None
+    statistics_projection_dim: int = 16
     num_neighbors: int | None = None
     modality: str | None = None
     protocol: str | None = None
@@ -76,10 +109,16 @@ class FiMMIAConfig(PreTrainedConfig):
     media_embedding_kwargs: dict[str, Any] | None = None
     scorer_kwargs: dict[str, Any] | None = None
     threshold: float = 0.5
+    decision_thresholds: dict[str, float] | None = None
     card_data: dict[str, Any] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.hidden_sizes = [int(h) for h in self.hidden_sizes]
+        if self.sample_statistics is not None:
+            self.sample_statistics = [str(name) for name in self.sample_statistics]
+            n = len(self.sample_statistics)
+            self.sample_statistics_mean = [float(v) for v in self.sample_statistics_mean or [0.0] * n]
+            self.sample_statistics_std = [float(v) for v in self.sample_statistics_std or [1.0] * n]
         for name in STAGE_SETTINGS:  # tuples become lists now rather than after a save and reload
             value = getattr(self, name)
             if isinstance(value, dict) and _is_json(value):
@@ -109,29 +148,63 @@ class FiMMIAConfig(PreTrainedConfig):
             raise ValueError("projection_dim must be even for loss_norm='periodic' (cos and sin halves)")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.decision_thresholds is not None:
+            if not isinstance(self.decision_thresholds, dict):
+                raise ValueError(f"decision_thresholds must be a dict like {{'0.01': 0.93}}, got {self.decision_thresholds!r}")
+            _check_thresholds(self.decision_thresholds)
+        if self.head == "combined":
+            self._check_statistics()
         for name in STAGE_SETTINGS:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, dict) and _is_json(value)):
                 raise ValueError(f"{name} must be a dict of JSON values (it is saved in config.json), got {value!r}")
 
-    def set_normalization(self, stats: dict[str, float]) -> None:
-        """Store statistics from :func:`fimmia_hf.features.fit_normalization` (keys ``loss_mean``, ``loss_std``,
-        ``loss_min``, ``loss_max``); unknown keys are rejected so a typo cannot silently keep the defaults."""
-        allowed = {"loss_mean", "loss_std", "loss_min", "loss_max"}
-        unknown = set(stats) - allowed
+    def _check_statistics(self) -> None:
+        names = self.sample_statistics
+        if not names:
+            raise ValueError("head 'combined' needs sample_statistics: the names of the classic-attack scores it reads")
+        if len(set(names)) != len(names):
+            raise ValueError(f"sample_statistics lists a name twice: {names}")
+        for key in ("sample_statistics_mean", "sample_statistics_std"):
+            values = getattr(self, key)
+            if len(values) != len(names) or not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{key} must hold one finite value per statistic ({len(names)}), got {values}")
+        if not all(v > 0 for v in self.sample_statistics_std):
+            raise ValueError(f"sample_statistics_std must be > 0, got {self.sample_statistics_std}")
+        if self.statistics_projection_dim < 1:
+            raise ValueError(f"statistics_projection_dim must be >= 1, got {self.statistics_projection_dim}")
+
+    def set_normalization(self, stats: dict[str, Any]) -> None:
+        """Store statistics of the training split: from :func:`fimmia_hf.features.fit_normalization` (``loss_mean``,
+        ``loss_std``, ``loss_min``, ``loss_max``) or :func:`fimmia_hf.features.fit_statistics` (``sample_statistics``,
+        ``sample_statistics_mean``, ``sample_statistics_std``); unknown keys are rejected so a typo cannot silently
+        keep the defaults."""
+        scalars = {"loss_mean", "loss_std", "loss_min", "loss_max"}
+        lists = {"sample_statistics", "sample_statistics_mean", "sample_statistics_std"}
+        unknown = set(stats) - scalars - lists
         if unknown:
-            raise ValueError(f"unknown normalisation statistics {sorted(unknown)}; expected {sorted(allowed)}")
+            raise ValueError(f"unknown normalisation statistics {sorted(unknown)}; expected {sorted(scalars | lists)}")
         for key, value in stats.items():
-            setattr(self, key, float(value))
+            if key == "sample_statistics":
+                value = [str(v) for v in value]
+            elif key in lists:
+                value = [float(v) for v in value]
+            else:
+                value = float(value)
+            setattr(self, key, value)
         self._check()
 
     @property
     def uses_loss(self) -> bool:
-        return self.head in ("fimmia", "loss_only")
+        return self.head in ("fimmia", "loss_only", "combined")
 
     @property
     def uses_embeddings(self) -> bool:
-        return self.head in ("fimmia", "embedding_only")
+        return self.head in ("fimmia", "embedding_only", "combined")
+
+    @property
+    def uses_statistics(self) -> bool:
+        return self.head == "combined"
 
     @property
     def uses_media(self) -> bool:

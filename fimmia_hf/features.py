@@ -6,6 +6,10 @@ optionally `media_embedding`, `neighbor_media_embeddings`) each neighbour k gets
 A neighbour whose loss or embedding is missing (None/NaN) is masked instead of dropped, so neighbour k
 stays neighbour k; samples may have different K (the collator pads and masks).
 
+The combined head also reads the sample's own statistics: the scores :mod:`fimmia_hf.attacks` computes from the
+scorer's columns, by the same functions, one row at a time, so training, `predict` and the pipeline cannot
+compute them differently.
+
 Nothing is joined by position: the paired protocol matches base and fine-tuned scores by `sample_id`.
 """
 
@@ -21,6 +25,9 @@ LOSS_COLUMNS = ("loss", "neighbor_losses")
 EMBEDDING_COLUMNS = ("embedding", "neighbor_embeddings")
 MEDIA_COLUMNS = ("media_embedding", "neighbor_media_embeddings")
 FEATURE_COLUMNS = ("loss_delta", "embedding_delta", "media_delta", "neighbor_mask")
+DUPLICATE_CORRELATION = 0.99
+STATISTICS_COLUMN = "sample_statistics"  # added by `with_statistics` (training only)
+_STATISTICS_INPUTS = ("sample_id", "answer", "loss", "neighbor_losses", "lowercase_loss", "reference_loss")
 
 
 def _row_name(row: Mapping[str, Any]) -> str:
@@ -141,6 +148,129 @@ def sample_features(
         value[~valid] = 0.0  # masked slots hold zeros, never NaN
     out["neighbor_mask"] = valid
     return out
+
+
+def _iter_rows(ds: Any, batch_size: int = 1024) -> Any:
+    """The rows of a `datasets.Dataset` as dicts, read a batch at a time (faster than indexing row by row)."""
+    for batch in ds.iter(batch_size=batch_size):
+        n = len(next(iter(batch.values()), []))
+        yield from ({key: values[i] for key, values in batch.items()} for i in range(n))
+
+
+def _statistics_columns(columns: Sequence[str]) -> list[str]:
+    """The columns of a table the classic attacks read (the scorer's per-token lists among them)."""
+    return [c for c in columns if c in _STATISTICS_INPUTS or c.startswith("token_")]
+
+
+def detector_columns(config: Any, columns: Sequence[str]) -> list[str]:
+    """The columns of a table that a detector with ``config`` reads (nothing else, e.g. media, is copied)."""
+    wanted = {"sample_id", *LOSS_COLUMNS, *EMBEDDING_COLUMNS, *MEDIA_COLUMNS, *FEATURE_COLUMNS}
+    if config.uses_statistics:
+        wanted.update(_statistics_columns(columns))
+    return [c for c in columns if c in wanted]
+
+
+def missing_inputs(config: Any, columns: Sequence[str]) -> list[str]:
+    """What a table lacks for a detector with ``config`` (empty: `predict` scores it as it is), in words."""
+    has_deltas = "neighbor_mask" in columns
+    needed = [] if has_deltas else [
+        *(LOSS_COLUMNS if config.uses_loss else ()), *(EMBEDDING_COLUMNS if config.uses_embeddings else ()),
+        *(MEDIA_COLUMNS if config.uses_media else ()),
+    ]
+    missing = [f"column {c!r}" for c in needed if c not in columns]
+    if config.uses_statistics:
+        absent = [n for n in config.sample_statistics if n not in computable_statistics(columns)]
+        missing += [f"the columns of the sample statistics {absent}"] if absent else []
+    return missing
+
+
+def computable_statistics(columns: Sequence[str]) -> list[str]:
+    """Names of the sample statistics (classic-attack scores) that a table with these columns allows."""
+    from .attacks import available_attacks
+
+    return available_attacks({c: [] for c in columns})
+
+
+def sample_statistics(row: Mapping[str, Any], names: Sequence[str]) -> np.ndarray:
+    """The statistics ``names`` of one sample (float64, in that order): :func:`fimmia_hf.attacks.score_all` on a
+    one-row table. A sample the scorer could not score (loss None/NaN) gets NaN, so the detector masks it."""
+    from .attacks import missing_attacks, score_all
+
+    if not math.isfinite(_scalar(row.get("loss"))):
+        return np.full(len(names), math.nan)
+    table = {c: [row[c]] for c in _statistics_columns(list(row))}
+    try:
+        scores = score_all(table)
+    except ValueError as err:
+        raise ValueError(f"{_row_name(row)}: {str(err).removeprefix('row 0: ')}") from None
+    absent = [n for n in names if n not in scores]
+    if absent:
+        reasons = [f"{family}: {why}" for family, why in missing_attacks(table).items()
+                   if any(n.startswith(family) for n in absent)]
+        raise ValueError(f"{_row_name(row)}: cannot compute the sample statistics {absent} "
+                         f"({'; '.join(reasons) or 'unknown names'})")
+    return np.array([scores[n][0] for n in names], dtype=np.float64)
+
+
+def statistics_matrix(ds: Any, names: Sequence[str], *, batch_size: int = 1024) -> np.ndarray:
+    """``[rows, len(names)]`` float64: :func:`sample_statistics` of every row of a `datasets.Dataset`."""
+    view = ds.select_columns(_statistics_columns(ds.column_names))
+    return np.array([sample_statistics(row, names) for row in _iter_rows(view, batch_size)]).reshape(-1, len(names))
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """Which columns to keep: not constant and not a repeat (|r| >= DUPLICATE_CORRELATION) of an earlier kept one."""
+    std = values.std(axis=0)
+    keep = np.zeros(values.shape[1], dtype=bool)
+    z = (values - values.mean(axis=0)) / np.where(std > 1e-12, std, 1.0)
+    for j in np.flatnonzero(std > 1e-12):
+        kept = np.flatnonzero(keep)
+        if kept.size == 0 or np.abs(z[:, kept].T @ z[:, j] / len(z)).max() < DUPLICATE_CORRELATION:
+            keep[j] = True
+    return keep
+
+
+def with_statistics(ds: Any, names: Sequence[str]) -> Any:
+    """``ds`` with a ``sample_statistics`` column holding :func:`sample_statistics` of each row, computed once (the
+    collator reads it instead of recomputing the attacks every epoch)."""
+    values = statistics_matrix(ds, names).tolist()
+    ds = ds.remove_columns(STATISTICS_COLUMN) if STATISTICS_COLUMN in ds.column_names else ds
+    return ds.add_column(STATISTICS_COLUMN, values)
+
+
+def fit_statistics(train: Any, names: Sequence[str] | None = None, *, batch_size: int = 1024) -> dict[str, list]:
+    """Names, means and true standard deviations of the sample statistics on the **training split only** (store
+    them with ``FiMMIAConfig.set_normalization``).
+
+    ``names=None`` takes every statistic the columns allow, less those undefined on a scored training row, constant
+    on the split, or repeating an earlier one (|r| >= 0.99: e.g. every Min-K% of a one-token answer), so that a
+    family with many grid points does not outweigh the others. Given ``names`` are kept as they are (a constant
+    one gets std 1, so normalising stays finite)."""
+    if "loss" not in train.column_names:
+        raise ValueError(f"the combined head needs the scorer's columns ('loss', 'token_logprobs', ...); the training "
+                         f"data has {train.column_names}")
+    given = names is not None
+    names = list(names) if given else computable_statistics(train.column_names)
+    values = statistics_matrix(train, names, batch_size=batch_size)
+    values = values[np.isfinite(values).any(axis=1)]  # rows the scorer could not score carry nothing
+    if len(values) == 0:
+        raise ValueError("no training row has a finite loss: cannot fit the sample statistics")
+    defined = np.isfinite(values).all(axis=0)
+    if given and not defined.all():
+        bad = [n for n, ok in zip(names, defined) if not ok]
+        raise ValueError(f"the sample statistics {bad} are undefined (NaN/inf) on some scored training rows")
+    names, values = [n for n, ok in zip(names, defined) if ok], values[:, defined]
+    if not given:
+        keep = _distinct(values)
+        if not keep.any():
+            raise ValueError("every sample statistic is constant or undefined on the training split")
+        names, values = [n for n, k in zip(names, keep) if k], values[:, keep]
+    std = values.std(axis=0)
+    return {
+        "sample_statistics": names,
+        "sample_statistics_mean": values.mean(axis=0).tolist(),
+        "sample_statistics_std": np.where(std > 1e-12, std, 1.0).tolist(),
+    }
 
 
 def _feature_flags(ds_columns: Sequence[str]) -> dict[str, bool]:
@@ -305,8 +435,10 @@ def membership_dataset(ds: Any) -> Any:
 class FiMMIADataCollator:
     """Turns rows (scored or with feature columns) into padded tensors for
     :class:`~fimmia_hf.modeling_fimmia.FiMMIAForMembershipInference`: ``loss_delta [B, K]``,
-    ``embedding_delta [B, K, D]``, ``media_delta [B, K, Dm]``, ``neighbor_mask [B, K]`` and ``labels [B]``
-    (when every row has a label). K is the largest neighbour count in the batch; padding is masked."""
+    ``embedding_delta [B, K, D]``, ``media_delta [B, K, Dm]``, ``sample_statistics [B, S]`` (the named
+    ``statistics``, for the combined head; read from the rows' ``sample_statistics`` column where
+    ``precomputed``, see :func:`with_statistics`), ``neighbor_mask [B, K]`` and ``labels [B]`` (when every row has
+    a label). K is the largest neighbour count in the batch; padding is masked."""
 
     def __init__(
         self,
@@ -316,19 +448,24 @@ class FiMMIADataCollator:
         use_media: bool = False,
         embedding_dim: int | None = None,
         media_embedding_dim: int | None = None,
+        statistics: Sequence[str] | None = None,
+        precomputed: bool = False,
     ) -> None:
         self.kwargs = dict(
             use_loss=use_loss, use_embeddings=use_embeddings, use_media=use_media,
             embedding_dim=embedding_dim, media_embedding_dim=media_embedding_dim,
         )
+        self.statistics = list(statistics) if statistics else None
+        self.precomputed = precomputed
 
     @classmethod
-    def from_config(cls, config: Any) -> FiMMIADataCollator:
+    def from_config(cls, config: Any, *, precomputed: bool = False) -> FiMMIADataCollator:
         """The inputs a detector config needs (the blind ``embedding_only`` head needs no losses)."""
         return cls(
             use_loss=config.uses_loss, use_embeddings=config.uses_embeddings, use_media=config.uses_media,
             embedding_dim=config.embedding_dim if config.uses_embeddings else None,
             media_embedding_dim=config.media_embedding_dim if config.uses_media else None,
+            statistics=config.sample_statistics if config.uses_statistics else None, precomputed=precomputed,
         )
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -354,6 +491,9 @@ class FiMMIADataCollator:
             for i, f in enumerate(feats):
                 arr[i, : f[name].shape[0]] = f[name]
             out[name] = torch.from_numpy(arr)
+        if self.statistics:
+            values = [r[STATISTICS_COLUMN] if self.precomputed else sample_statistics(r, self.statistics) for r in rows]
+            out["sample_statistics"] = torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(len(rows), -1))
         labels = [r.get("label") for r in rows]
         if all(lab is not None for lab in labels):
             out["labels"] = torch.tensor([int(lab) for lab in labels], dtype=torch.long)
@@ -364,8 +504,15 @@ __all__ = [
     "FEATURE_COLUMNS",
     "FiMMIADataCollator",
     "build_features",
+    "computable_statistics",
+    "detector_columns",
     "fit_normalization",
+    "fit_statistics",
+    "missing_inputs",
     "membership_dataset",
     "paired_dataset",
     "sample_features",
+    "sample_statistics",
+    "statistics_matrix",
+    "with_statistics",
 ]

@@ -166,6 +166,20 @@ def _training_data(card: Mapping[str, Any]) -> str:
     return " ".join(parts) or "Not recorded."
 
 
+def _threshold_rows(cfg: Any, calibration: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's decision-threshold table from ``config.decision_thresholds`` and training's calibration record."""
+    thresholds = getattr(cfg, "decision_thresholds", None) or {}
+    levels = calibration.get("levels") or {}
+    rows = []
+    for key, t in sorted(thresholds.items(), key=lambda kv: float(kv[0])):
+        seen = levels.get(key, {})
+        rows.append({"level": f"{float(key) * 100:g} %", "threshold": f"{t:.4f}",
+                     **{k: f"{seen[k]:.3f}" if _finite(seen.get(k)) else "n/a" for k in ("fpr", "tpr")}})
+    default = thresholds.get("0.01")
+    return {"thresholds": rows, "calibration": {"notes": [], "n_members": "?", "n_nonmembers": "?", **calibration},
+            "default_threshold": f"{default:.4f}" if default is not None else None}
+
+
 def render_model_card(model: Any, repo_id: str, metrics: Mapping[str, Any] | None = None) -> Any:
     """The detector's `huggingface_hub.ModelCard` (YAML metadata with model-index + the Markdown body)."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -199,6 +213,8 @@ def render_model_card(model: Any, repo_id: str, metrics: Mapping[str, Any] | Non
         media_embedding_model=_describe_component(getattr(cfg, "media_embedding_model", None)),
         stage_settings={k: json.dumps(v, ensure_ascii=False) for k in STAGE_SETTINGS if (v := getattr(cfg, k, None))},
         num_neighbors=getattr(cfg, "num_neighbors", None), threshold=cfg.threshold, head=cfg.head,
+        sample_statistics=cfg.sample_statistics if cfg.uses_statistics else None,
+        **_threshold_rows(cfg, card.get("calibration") or {}),
         loss_norm=cfg.loss_norm, embedding_dim=cfg.embedding_dim, media_embedding_dim=cfg.media_embedding_dim,
         uses_embeddings=cfg.uses_embeddings, uses_media=cfg.uses_media,
         num_parameters=f"{sum(p.numel() for p in model.parameters()):,}",

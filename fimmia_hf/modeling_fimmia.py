@@ -5,9 +5,17 @@ and doubles as Hub remote code.
 
 Each (sample, neighbour) pair is classified from its deltas (neighbour minus original): the target-model
 loss delta ΔL_k, the text-embedding delta Δe_k and optionally the media-embedding delta Δm_k. The sample
-score is the mean P(member) over its valid neighbours. Module names follow the original's released layout
-(`loss_component`, `embedding_component`, `attack_encoding`), so its weights load by name; unlike the
-original there is no ReLU on the logits (it clamped them at 0, turning P into 0.5).
+score is the mean P(member) over its valid neighbours.
+
+Deltas cannot see how low a sample's loss is, which is the strongest signal once a target memorises, so the
+``combined`` head also reads the sample's own statistics (the classic attacks' scores: loss, zlib ratio, Min-K%++,
+MaxRényi, neighbourhood...), z-normalised with training-split statistics, through a small MLP branch and a
+direct linear path to the logits. The direct path makes every classic attack one setting of the weights (a
+single statistic, the rest zero), which a logistic fit on 64 samples can still find.
+
+Module names follow the original's released layout (`loss_component`, `embedding_component`,
+`attack_encoding`), so its weights load by name; unlike the original there is no ReLU on the logits (it clamped
+them at 0, turning P into 0.5).
 """
 
 import math
@@ -64,8 +72,9 @@ class FiMMIAForMembershipInference(PreTrainedModel):
     """Per-neighbour membership classifier with per-sample mean aggregation.
 
     Inputs: ``loss_delta [B, K]``, ``embedding_delta [B, K, D]``, optional ``media_delta [B, K, Dm]``,
+    ``sample_statistics [B, S]`` (combined head: the raw statistics named by ``config.sample_statistics``),
     ``neighbor_mask [B, K]`` (bool or 0/1; invalid entries may hold NaN, they never reach the network),
-    optional ``labels [B]`` (1 = member). Heads: ``fimmia``, ``loss_only``, ``embedding_only``.
+    optional ``labels [B]`` (1 = member). Heads: ``fimmia``, ``loss_only``, ``embedding_only``, ``combined``.
     """
 
     config_class = FiMMIAConfig
@@ -91,8 +100,13 @@ class FiMMIAForMembershipInference(PreTrainedModel):
         if config.uses_media:
             self.media_component = _projection(config.media_embedding_dim, p, dropout)
             n_blocks += 1
-        layers: list[nn.Module] = []
         width = n_blocks * p
+        if config.uses_statistics:
+            n_stats, sp = len(config.sample_statistics), config.statistics_projection_dim
+            self.statistics_component = nn.Sequential(nn.Linear(n_stats, sp), nn.Dropout(dropout), nn.ReLU())
+            self.statistics_logits = nn.Linear(n_stats, 2)  # the direct path: a logistic regression on the statistics
+            width += sp
+        layers: list[nn.Module] = []
         for hidden in config.hidden_sizes:
             layers += [nn.Linear(width, hidden), nn.Dropout(dropout), nn.ReLU()]
             width = hidden
@@ -110,6 +124,13 @@ class FiMMIAForMembershipInference(PreTrainedModel):
         elif isinstance(module, PeriodicEmbedding):
             init.normal_(module.coefficients, mean=0.0, std=module.sigma)
 
+    def normalize_statistics(self, statistics: torch.Tensor) -> torch.Tensor:
+        """z-normalise the sample statistics with the training-split mean and std stored in the config."""
+        cfg = self.config
+        mean = torch.tensor(cfg.sample_statistics_mean, dtype=statistics.dtype, device=statistics.device)
+        std = torch.tensor(cfg.sample_statistics_std, dtype=statistics.dtype, device=statistics.device)
+        return (statistics - mean) / std
+
     def normalize_loss(self, loss_delta: torch.Tensor) -> torch.Tensor:
         """Apply the configured ΔL normalisation with the statistics stored in the config."""
         cfg = self.config
@@ -118,6 +139,13 @@ class FiMMIAForMembershipInference(PreTrainedModel):
         if cfg.loss_norm == "minmax":
             return (loss_delta - cfg.loss_min) / (cfg.loss_max - cfg.loss_min)
         return loss_delta
+
+    def _check_statistics(self, statistics: torch.Tensor | None, batch: int) -> None:
+        names = self.config.sample_statistics
+        if statistics is None:
+            raise ValueError(f"head 'combined' needs sample_statistics [batch, {len(names)}] ({', '.join(names)})")
+        if tuple(statistics.shape) != (batch, len(names)):
+            raise ValueError(f"sample_statistics must be [{batch}, {len(names)}], got shape {tuple(statistics.shape)}")
 
     def _check_inputs(
         self,
@@ -153,6 +181,7 @@ class FiMMIAForMembershipInference(PreTrainedModel):
         loss_delta: torch.Tensor | None = None,
         embedding_delta: torch.Tensor | None = None,
         media_delta: torch.Tensor | None = None,
+        sample_statistics: torch.Tensor | None = None,
         neighbor_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_dict: bool | None = None,
@@ -175,6 +204,13 @@ class FiMMIAForMembershipInference(PreTrainedModel):
                 raise ValueError(f"neighbor_mask must be [{batch}, {k}], got {tuple(mask.shape)}")
 
         dtype = self.attack_encoding[0].weight.dtype
+        statistics = None
+        if self.config.uses_statistics:
+            self._check_statistics(sample_statistics, batch)
+            s = sample_statistics.to(device=device, dtype=dtype)
+            known = torch.isfinite(s).all(-1)
+            mask = mask & known[:, None]  # a sample without its statistics has no valid neighbour
+            statistics = self.normalize_statistics(torch.where(known[:, None], s, torch.zeros_like(s)))
         blocks = []
         if self.config.uses_loss:
             x = loss_delta.to(device=device, dtype=dtype)
@@ -188,7 +224,11 @@ class FiMMIAForMembershipInference(PreTrainedModel):
             m = media_delta.to(device=device, dtype=dtype)
             m = torch.where(mask[..., None], m, torch.zeros_like(m))
             blocks.append(self.media_component(m.reshape(batch * k, -1)))
+        if statistics is not None:
+            blocks.append(self.statistics_component(statistics).repeat_interleave(k, dim=0))
         logits = self.attack_encoding(torch.cat(blocks, dim=-1)).reshape(batch, k, 2)
+        if statistics is not None:
+            logits = logits + self.statistics_logits(statistics)[:, None, :]
 
         weights = mask.to(logits.dtype)
         p_member = logits.float().softmax(-1)[..., 1]

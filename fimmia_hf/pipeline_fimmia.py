@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -35,6 +36,7 @@ EMBEDDING_OUTPUTS = ("embedding", "neighbor_embeddings")
 MEDIA_EMBEDDING_OUTPUTS = ("media_embedding", "neighbor_media_embeddings")
 DELTA_OUTPUTS = ("loss_delta", "embedding_delta", "media_delta", "neighbor_mask")
 MEDIA_KEYS = ("image", "audio", "video")
+DEFAULT_FPR = "0.01"  # the decision_thresholds level labels use unless told otherwise
 _FREE_OPS = ("delete", "duplicate", "swap")  # neighbour operations that need no fill model
 _OPTIONS = {"target": "target_model", "embedding": "embedding_model", "media_embedding": "media_embedding_model"}
 _SETTINGS = {"neighbor": "neighbor_kwargs", "embedding": "embedding_kwargs", "media_embedding": "media_embedding_kwargs",
@@ -65,7 +67,9 @@ class MembershipInferencePipeline(Pipeline):
     (``{"input", "answer", "image"|"audio"|"video": path, PIL image, array...}``), a list of them or a
     ``datasets.Dataset``. Each sample gives ``{"score": float, "label": "member" | "non-member"}`` (``label`` is
     None and ``score`` NaN when no neighbour of the sample was valid); ``return_features=True`` adds
-    ``"features"``. Call options: ``threshold`` (default: the config's; score > threshold ⇒ member),
+    ``"features"``. Call options: ``fpr`` (default 0.01: label with the threshold training calibrated at that
+    false-positive rate, ``config.decision_thresholds``; a detector without them falls back to ``config.threshold``,
+    with a warning), ``threshold`` (an explicit score threshold instead; score > threshold ⇒ member),
     ``return_features``, ``batch_size``.
 
     Extra constructor options: ``target_processor``; ``num_neighbors`` (default: the config's K);
@@ -120,21 +124,49 @@ class MembershipInferencePipeline(Pipeline):
             weakref.finalize(self, shutil.rmtree, cache_dir, True)
         self.cache_dir = os.fspath(cache_dir)
         self._stages: dict[str, Any] = {}
+        if DEFAULT_FPR not in (getattr(cfg, "decision_thresholds", None) or {}):
+            warnings.warn(
+                f"this detector has no decision threshold calibrated at FPR {DEFAULT_FPR} (e.g. it was trained without a "
+                f"validation split): labels use score > {cfg.threshold} (config.threshold), which bounds no "
+                "false-positive rate",
+                UserWarning, stacklevel=2,
+            )
 
     # ------------------------------------------------------------------ parameters
     def _sanitize_parameters(
-        self, threshold: float | None = None, return_features: bool | None = None, **kwargs: Any
+        self, threshold: float | None = None, fpr: float | None = None, return_features: bool | None = None,
+        **kwargs: Any,
     ) -> tuple[dict, dict, dict]:
         if kwargs:
             raise TypeError(f"unexpected membership-inference arguments: {sorted(kwargs)}")
         postprocess: dict[str, Any] = {}
+        if threshold is not None and fpr is not None:
+            raise ValueError("give either threshold= (a score) or fpr= (a calibrated false-positive rate), not both")
         if threshold is not None:
             if not 0.0 <= float(threshold) <= 1.0:
                 raise ValueError(f"threshold must be in [0, 1], got {threshold}")
             postprocess["threshold"] = float(threshold)
+        if fpr is not None:
+            postprocess["threshold"] = self._calibrated_threshold(fpr)
         if return_features is not None:
             postprocess["return_features"] = bool(return_features)
         return {}, {}, postprocess
+
+    def _calibrated_threshold(self, fpr: float) -> float:
+        """The threshold training calibrated at false-positive rate ``fpr`` on its validation split."""
+        thresholds = getattr(self.model.config, "decision_thresholds", None) or {}
+        key = _fimmia("configuration_fimmia").fpr_key(fpr)
+        if key not in thresholds:
+            known = ", ".join(sorted(thresholds)) or "none (trained without a validation split)"
+            raise ValueError(f"this detector has no threshold calibrated at fpr={key}; calibrated levels: {known}")
+        return float(thresholds[key])
+
+    def _default_threshold(self) -> float:
+        """FPR 1 % where training calibrated it, else the config's fallback threshold."""
+        cfg = self.model.config
+        if DEFAULT_FPR in (getattr(cfg, "decision_thresholds", None) or {}):
+            return float(cfg.decision_thresholds[DEFAULT_FPR])
+        return float(cfg.threshold)
 
     # ------------------------------------------------------------------ stages
     def _stage(self, role: str) -> Any:
@@ -158,7 +190,7 @@ class MembershipInferencePipeline(Pipeline):
             if role == "target":
                 if self.target_processor is not None:
                     kwargs.setdefault("processor", self.target_processor)
-                kwargs.setdefault("token_stats", False)  # the detector needs losses only
+                kwargs.setdefault("token_stats", self.model.config.uses_statistics)  # per-token lists: combined only
                 stage = _fimmia("scoring").TargetScorer(spec, **kwargs)
             elif role == "embedding":
                 stage = _fimmia("embeddings").TextEmbedder(spec, **kwargs)
@@ -170,18 +202,25 @@ class MembershipInferencePipeline(Pipeline):
     def _needed(self, row: Mapping[str, Any]) -> list[str]:
         """The stages a row still needs, in order, given the detector's head."""
         cfg = self.model.config
-        if _has(row, ("neighbor_mask",)):
-            return []
+        has_deltas = _has(row, ("neighbor_mask",))
         roles = []
-        if cfg.uses_embeddings and not _has(row, EMBEDDING_OUTPUTS):
-            roles.append("embedding")
-        if cfg.uses_media and not _has(row, MEDIA_EMBEDDING_OUTPUTS):
-            roles.append("media_embedding")
-        if cfg.uses_loss and not _has(row, LOSS_OUTPUTS):
-            roles.append("target")
-        if ("embedding" in roles or "target" in roles) and not _has(row, ("neighbors",)):
+        if not has_deltas:
+            if cfg.uses_embeddings and not _has(row, EMBEDDING_OUTPUTS):
+                roles.append("embedding")
+            if cfg.uses_media and not _has(row, MEDIA_EMBEDDING_OUTPUTS):
+                roles.append("media_embedding")
+            if cfg.uses_loss and not _has(row, LOSS_OUTPUTS):
+                roles.append("target")
+        if cfg.uses_statistics and "target" not in roles and not self._has_statistics(row):
+            roles.append("target")  # the scorer's per-token lists
+        if ("embedding" in roles or "target" in roles) and not has_deltas and not _has(row, ("neighbors",)):
             roles.insert(0, "neighbor")
         return roles
+
+    def _has_statistics(self, row: Mapping[str, Any]) -> bool:
+        """Whether the row holds the columns of every sample statistic the combined head reads."""
+        present = [k for k, v in row.items() if v is not None]
+        return set(self.model.config.sample_statistics) <= set(_fimmia("features").computable_statistics(present))
 
     def _run_stage(self, role: str, rows: list[dict[str, Any]], indices: list[int]) -> None:
         """Apply one stage to the rows at ``indices`` (one `datasets.map` over all of them) and copy its columns
@@ -260,7 +299,7 @@ class MembershipInferencePipeline(Pipeline):
     def postprocess(
         self, model_outputs: dict[str, Any], threshold: float | None = None, **_: Any
     ) -> list[dict[str, Any]]:
-        threshold = float(self.model.config.threshold if threshold is None else threshold)
+        threshold = self._default_threshold() if threshold is None else float(threshold)
         results = []
         for score in model_outputs["scores"].float().tolist():
             if math.isnan(score):
@@ -298,14 +337,18 @@ class MembershipInferencePipeline(Pipeline):
         return results[0] if single else results
 
     def _features(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        """Stage columns of a row plus its delta features, as plain lists."""
+        """Stage columns of a row plus its delta features (and the combined head's statistics), as plain lists."""
         cfg = self.model.config
+        features = _fimmia("features")
         keep = ("sample_id", "neighbors", "neighbor_ops", *LOSS_OUTPUTS, *EMBEDDING_OUTPUTS, *MEDIA_EMBEDDING_OUTPUTS)
         out = {k: row[k] for k in keep if row.get(k) is not None}
-        deltas = _fimmia("features").sample_features(
+        deltas = features.sample_features(
             row, use_loss=cfg.uses_loss, use_embeddings=cfg.uses_embeddings, use_media=cfg.uses_media
         )
         out.update({k: v.tolist() for k, v in deltas.items()})
+        if cfg.uses_statistics:
+            values = features.sample_statistics(row, cfg.sample_statistics)
+            out["sample_statistics"] = dict(zip(cfg.sample_statistics, values.tolist()))
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:

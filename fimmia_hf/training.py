@@ -1,9 +1,10 @@
 """Train the FiMMIA detector with `transformers.Trainer` and score datasets with it.
 
 `train_detector` takes scored datasets as the stages produce them (features are built in the collator, so
-nothing is duplicated on disk), fits the ΔL normalisation on the training split only, keeps the checkpoint
-with the best validation AUC, records what the model card needs in ``config.card_data`` and saves the
-model. It runs unchanged under ``accelerate launch`` (Trainer handles the processes).
+nothing is duplicated on disk), fits the ΔL normalisation (and the combined head's statistics) on the training
+split only, keeps the checkpoint with the best validation AUC, calibrates decision thresholds by false-positive
+rate on the validation split, records what the model card needs in ``config.card_data`` and saves the model. It
+runs unchanged under ``accelerate launch`` (Trainer handles the processes).
 
 CLI entry points (wired into ``fimmia-hf train`` / ``fimmia-hf predict``): ``add_train_arguments`` +
 ``run_train`` and ``add_predict_arguments`` + ``run_predict``; arguments come from the command line or a
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -23,16 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from .configuration_fimmia import STAGE_SETTINGS, FiMMIAConfig
+from .configuration_fimmia import STAGE_SETTINGS, FiMMIAConfig, fpr_key
 from .features import (
     EMBEDDING_COLUMNS,
-    FEATURE_COLUMNS,
     LOSS_COLUMNS,
     MEDIA_COLUMNS,
+    STATISTICS_COLUMN,
     FiMMIADataCollator,
+    detector_columns,
     fit_normalization,
+    fit_statistics,
     membership_dataset,
     paired_dataset,
+    with_statistics,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,6 +79,13 @@ def _neighbor_counts(ds: Any) -> list[int]:
     raise ValueError(f"no neighbour column in dataset (columns: {ds.column_names})")
 
 
+def _requested(config: FiMMIAConfig | dict | None, key: str) -> Any:
+    """A setting as the caller gave it (None when not given)."""
+    if isinstance(config, FiMMIAConfig):
+        return getattr(config, key)
+    return config.get(key) if isinstance(config, dict) else None
+
+
 def _infer_config(train: Any, config: FiMMIAConfig | dict | None) -> FiMMIAConfig:
     """Sizes from the data, the rest from ``config``; mismatches between the two are errors."""
     cols = train.column_names
@@ -86,23 +98,24 @@ def _infer_config(train: Any, config: FiMMIAConfig | dict | None) -> FiMMIAConfi
         inferred["media_embedding_dim"] = _first_dim(train, "media_embedding")
     elif "media_delta" in cols:
         inferred["media_embedding_dim"] = len(next(r for r in train[0]["media_delta"] if r is not None))
-    if "embedding_dim" not in inferred and not (
-        (isinstance(config, FiMMIAConfig) and config.head == "loss_only")
-        or (isinstance(config, dict) and config.get("head") == "loss_only")
-    ):
+    head = _requested(config, "head") or "fimmia"
+    if "embedding_dim" not in inferred and head != "loss_only":
         raise ValueError(f"training data has no text embeddings {EMBEDDING_COLUMNS}; columns are {cols}")
     inferred["num_neighbors"] = max(_neighbor_counts(train))
-
     inferred["protocol"] = "paired" if "model_role" in cols else "member"
+    # statistics of the training split always win over values given in the config
+    fitted = fit_statistics(train, _requested(config, "sample_statistics")) if head == "combined" else {}
+
     if config is None:
         return FiMMIAConfig(**inferred)
     if isinstance(config, dict):
-        merged = {**inferred, **{k: v for k, v in config.items() if v is not None or k not in inferred}}
+        merged = {**inferred, **{k: v for k, v in config.items() if v is not None or k not in inferred}, **fitted}
         cfg = FiMMIAConfig(**merged)
     elif isinstance(config, FiMMIAConfig):
         cfg = FiMMIAConfig.from_dict(config.to_dict())
         cfg.num_neighbors = inferred["num_neighbors"]
         cfg.protocol = cfg.protocol or inferred["protocol"]
+        cfg.set_normalization(fitted)
     else:
         raise TypeError(f"config must be a FiMMIAConfig, a dict or None, not {type(config).__name__}")
     for key in ("embedding_dim", "media_embedding_dim"):
@@ -134,6 +147,52 @@ def _data_summary(ds: Any) -> dict[str, Any]:
         names, n = np.unique(np.asarray(ds["ds_name"], dtype=str), return_counts=True)
         summary["ds_names"] = {str(a): int(b) for a, b in zip(names, n)}
     return summary
+
+
+# --------------------------------------------------------------------------------------------- decision thresholds
+CALIBRATION_FPRS = (0.01, 0.05)
+NOT_CALIBRATED = (
+    "no validation split: decision thresholds were not calibrated, so labels fall back to score > config.threshold, "
+    "which bounds no false-positive rate; pass eval data (or --eval / --eval-size) to calibrate them"
+)
+
+
+def threshold_at_fpr(nonmember_scores: Any, fpr: float) -> float:
+    """The smallest threshold t whose false-positive rate #{s > t} / n on these non-member scores is at most
+    ``fpr`` (score > t ⇒ member): the (⌊fpr·n⌋ + 1)-th highest score."""
+    scores = np.sort(np.asarray(nonmember_scores, dtype=np.float64))[::-1]
+    if scores.size == 0:
+        raise ValueError("no non-member scores to calibrate a threshold on")
+    allowed = int(np.floor(fpr * scores.size + 1e-9))  # false positives allowed; 1e-9 keeps 0.05 * 100 at 5
+    return float(scores[min(allowed, scores.size - 1)])
+
+
+def calibrate_thresholds(labels: Any, scores: Any, fprs: tuple[float, ...] = CALIBRATION_FPRS) -> tuple[dict | None, dict]:
+    """Thresholds at each FPR level from a calibration split (samples without a score are left out): returns
+    ``({"0.01": t, ...}, record)``, the record holding what the model card reports (the FPR and TPR each threshold
+    gives on the split, and a note where too few non-members resolve a level). ``None`` when no non-member has a
+    score."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    keep = np.isfinite(scores)
+    members, nonmembers = scores[keep & (labels == 1)], scores[keep & (labels == 0)]
+    record: dict[str, Any] = {"split": "validation", "n_members": int(members.size), "n_nonmembers": int(nonmembers.size),
+                              "levels": {}, "notes": []}
+    if nonmembers.size == 0:
+        record["notes"].append("no validation non-member has a score: thresholds were not calibrated")
+        return None, record
+    thresholds = {}
+    for fpr in fprs:
+        key = fpr_key(fpr)
+        thresholds[key] = t = threshold_at_fpr(nonmembers, fpr)
+        record["levels"][key] = {"threshold": t, "fpr": float((nonmembers > t).mean()),
+                                 "tpr": float((members > t).mean()) if members.size else None}
+        if fpr * nonmembers.size < 1:
+            record["notes"].append(
+                f"{nonmembers.size} validation non-members cannot resolve FPR {key} (that needs at least "
+                f"{math.ceil(1 / fpr)}): its threshold is the highest non-member score, so expect an FPR near "
+                f"1/(n+1) = {1 / (nonmembers.size + 1):.3f} on new samples"
+            )
+    return thresholds, record
 
 
 # --------------------------------------------------------------------------------------------- Trainer parts
@@ -205,6 +264,48 @@ def _make_card_callback(summary: dict[str, Any]) -> Any:
     return ModelCardCallback()
 
 
+def _logistic_fit(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> Any:
+    """L2 logistic regression, its strength chosen by grouped, stratified cross-validated log-loss."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
+    from threadpoolctl import threadpool_limits
+
+    folds = min(5, int(np.bincount(y, minlength=2).min()))
+    with threadpool_limits(limits=1):  # tiny problems: threads only contend (a fit took 170 ms with them, 15 without)
+        if folds < 2:
+            return LogisticRegression(C=1.0, max_iter=1000).fit(x, y)
+        cv = list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(x, y, groups))
+        search = GridSearchCV(LogisticRegression(max_iter=1000), {"C": np.logspace(-3, 2, 11)}, cv=cv,
+                              scoring="neg_log_loss")
+        return search.fit(x, y).best_estimator_
+
+
+def _fit_direct_path(model: Any, train: Any, seed: int) -> float:
+    """Set the combined head's direct path to the logistic regression of the training split on the normalised
+    statistics, freeze it, and zero the MLP's output layer, so training starts from the best linear combination of
+    the classic attacks and the MLP only learns what the deltas add. (Adam's first steps move every weight by about
+    the learning rate whatever its gradient, so 80 steps on 64 samples give a noisy statistic as much weight as the
+    strong one; a regularised fit does not.) Returns the regularisation strength C chosen."""
+    import torch
+
+    cfg = model.config
+    x = np.asarray(train[STATISTICS_COLUMN], dtype=np.float64)
+    y = np.asarray(train["label"], dtype=int)
+    groups = np.asarray(train["sample_id"]) if "sample_id" in train.column_names else np.arange(len(y))
+    keep = np.isfinite(x).all(axis=1)
+    x = (x[keep] - np.asarray(cfg.sample_statistics_mean)) / np.asarray(cfg.sample_statistics_std)
+    fit = _logistic_fit(x, y[keep], groups[keep], seed)
+    half = torch.as_tensor(fit.coef_[0] / 2, dtype=model.statistics_logits.weight.dtype)
+    bias = float(fit.intercept_[0]) / 2
+    with torch.no_grad():  # P(member) = sigmoid(logit_1 - logit_0): split the fit evenly between the two
+        model.statistics_logits.weight.copy_(torch.stack([-half, half]))
+        model.statistics_logits.bias.copy_(torch.tensor([-bias, bias]))
+        model.attack_encoding[-1].weight.zero_()
+        model.attack_encoding[-1].bias.zero_()
+    model.statistics_logits.requires_grad_(False)
+    return float(fit.C)
+
+
 def train_detector(
     train: Any,
     eval: Any | None = None,  # noqa: A002 - public contract name
@@ -220,7 +321,10 @@ def train_detector(
     or member/non-member tables), or paths to them; split by sample beforehand. ``config``: a FiMMIAConfig or a
     dict of its fields (sizes are inferred from the data). ``training_args`` override the defaults given to
     `transformers.TrainingArguments` (10 epochs, AdamW lr 1e-3, 16 samples per device and step).
-    With ``eval``, the checkpoint with the best validation AUC is kept. Returns the trained model.
+    With ``eval``, the checkpoint with the best validation AUC is kept and score thresholds at 1 % and 5 % FPR are
+    calibrated on it (``config.decision_thresholds``, see :func:`calibrate_thresholds`); without, none are.
+    The ``combined`` head fits its statistics' normalisation and its direct path on ``train`` first. Returns the
+    trained model.
     """
     import torch
     import transformers
@@ -251,6 +355,10 @@ def train_detector(
 
     transformers.set_seed(seed)
     model = FiMMIAForMembershipInference(cfg)
+    if cfg.uses_statistics:
+        train = with_statistics(train, cfg.sample_statistics)
+        eval_ds = with_statistics(eval_ds, cfg.sample_statistics) if eval_ds is not None else None
+        summary["statistics_fit"] = {"names": cfg.sample_statistics, "C": _fit_direct_path(model, train, seed)}
     has_eval = eval_ds is not None
     args_dict: dict[str, Any] = dict(
         output_dir=str(output_dir),
@@ -286,15 +394,20 @@ def train_detector(
         args=args,
         train_dataset=train,
         eval_dataset=eval_ds,
-        data_collator=FiMMIADataCollator.from_config(cfg),
+        data_collator=FiMMIADataCollator.from_config(cfg, precomputed=cfg.uses_statistics),
         compute_metrics=_compute_metrics if has_eval else None,
         preprocess_logits_for_metrics=_scores_only if has_eval else None,
         callbacks=[callback],
     )
     trainer.train()
+    trained = trainer.model
     if has_eval:
         trainer.evaluate()  # final metrics of the kept (best) checkpoint go into the card
-    trained = trainer.model
+        scores = predict(trained, eval_ds, progress=False)["score"]
+        trained.config.decision_thresholds, callback.card["calibration"] = calibrate_thresholds(eval_ds["label"], scores)
+    else:
+        logger.warning(NOT_CALIBRATED)
+        callback.card["calibration"] = {"note": NOT_CALIBRATED}
     callback._write(trained)
     trainer.save_model(str(output_dir))
     # Trainer pickles its arguments beside the weights; the card data already records them, and a
@@ -320,8 +433,7 @@ def predict(model: Any, ds: Any, *, batch_size: int = 64, device: str | None = N
         model = model.to(device)
     model.eval()
     collator = FiMMIADataCollator.from_config(model.config)
-    wanted = ("sample_id", *LOSS_COLUMNS, *EMBEDDING_COLUMNS, *MEDIA_COLUMNS, *FEATURE_COLUMNS)
-    view = ds.select_columns([c for c in wanted if c in ds.column_names])
+    view = ds.select_columns(detector_columns(model.config, ds.column_names))
     scores: list[np.ndarray] = []
     with torch.no_grad():
         for start in tqdm(range(0, len(view), batch_size), desc="FiMMIA scores", disable=not progress):
@@ -398,7 +510,8 @@ _HELP = {
     "eval_base": "paired protocol: validation samples scored by the base model",
     "eval_finetuned": "paired protocol: validation samples scored by the fine-tuned model",
     "eval_size": "without eval data, hold out this fraction of training samples (split by sample_id)",
-    "head": "fimmia | loss_only | embedding_only (blind control)",
+    "head": "fimmia | loss_only | embedding_only (blind control) | combined (the deltas plus the sample's own "
+    "statistics: loss, zlib, Min-K%%++, MaxRényi, neighbourhood...)",
     "loss_norm": "none | std | minmax | periodic",
     "training_args": "extra transformers.TrainingArguments as JSON, e.g. '{\"optim\": \"adafactor\"}'",
     "neighbor_kwargs": "the neighbour settings the features were made with, as JSON (e.g. '{\"seed\": 3}'); "
@@ -427,12 +540,18 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag`` per field, all defaulting to None so that YAML values apply unless given on the line."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str] | None = None) -> None:
+    """One ``--flag`` per field of ``cls`` (help texts from ``helps``), all defaulting to None so that YAML values
+    apply unless given on the line; a bool field gets ``--flag`` / ``--no-flag``."""
+    helps = _HELP if helps is None else helps
     parser.add_argument("--config", default=None, help="YAML file with any of the arguments below")
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
         kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+        if kind == "bool":
+            text = helps.get(field.name, field.name.replace("_", " ")) + f" (default: {field.default})"
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            continue
         if "dict" in kind:
             parse: Any = _json_object
         elif "float" in kind:
@@ -442,13 +561,13 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None
         else:
             parse = str
         default = field.default if field.default is not dataclasses.MISSING else "{}"
-        text = _HELP.get(field.name, field.name.replace("_", " "))
+        text = helps.get(field.name, field.name.replace("_", " "))
         if "default" not in text:
             text += f" (default: {default})"
         parser.add_argument(flag, dest=field.name, type=parse, default=None, help=text)
 
 
-def _resolve(cls: type, args: argparse.Namespace) -> Any:
+def resolve_arguments(cls: type, args: argparse.Namespace) -> Any:
     """Dataclass defaults, overridden by the YAML file, overridden by flags given on the command line."""
     import yaml
 
@@ -472,13 +591,13 @@ def _resolve(cls: type, args: argparse.Namespace) -> Any:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of ``fimmia-hf train``."""
-    _add_dataclass_arguments(parser, TrainConfig)
+    add_dataclass_arguments(parser, TrainConfig)
     return parser
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of ``fimmia-hf predict``."""
-    _add_dataclass_arguments(parser, PredictConfig)
+    add_dataclass_arguments(parser, PredictConfig)
     return parser
 
 
@@ -494,7 +613,7 @@ def _protocol_data(single: str | None, base: str | None, finetuned: str | None, 
 
 def run_train(args: argparse.Namespace) -> Path:
     """``fimmia-hf train``: returns the output folder."""
-    cfg = _resolve(TrainConfig, args)
+    cfg = resolve_arguments(TrainConfig, args)
     if not cfg.output_dir:
         raise ValueError("--output-dir is required")
     train = _protocol_data(cfg.train, cfg.train_base, cfg.train_finetuned, "train")
@@ -524,7 +643,7 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
     """``fimmia-hf predict``: writes predictions (Parquet or CSV) and a metrics JSON; returns the metrics."""
     from .metrics import json_safe, membership_metrics
 
-    cfg = _resolve(PredictConfig, args)
+    cfg = resolve_arguments(PredictConfig, args)
     if not cfg.model or not cfg.output:
         raise ValueError("--model and --output are required")
     out = Path(cfg.output)

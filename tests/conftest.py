@@ -60,3 +60,33 @@ def synthetic_table(tmp_path_factory: pytest.TempPathFactory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def absolute_loss_signal():
+    """`absolute_loss_signal(n, effect=..., seed=0)` -> scored samples (`synthetic_features` with no delta signal) whose
+    membership shows in the absolute loss only: members' losses, of the sample and of every neighbour alike, are
+    lower by `effect`, so ΔL and Δe carry nothing. Per-token lists as the scorer writes them (answer of 3 tokens)."""
+    import numpy as np
+
+    from fimmia_hf.testing import synthetic_features
+
+    def make(n: int, *, effect: float, seed: int = 0):
+        ds = synthetic_features(n, k=4, dim=8, shift=0.0, seed=seed)
+        rng = np.random.default_rng(seed + 1)
+        lower = effect * np.asarray(ds["label"], dtype=np.float64)
+        loss = np.asarray(ds["loss"], dtype=np.float64) - lower
+        neighbor_losses = np.asarray(ds["neighbor_losses"], dtype=np.float64) - lower[:, None]
+        noise = rng.normal(0.0, 0.3, (n, 3))
+        mean_lp = -rng.uniform(1.0, 2.0, (n, 3))
+        columns = {
+            "loss": loss, "neighbor_losses": neighbor_losses,
+            "token_logprobs": -loss[:, None] + noise - noise.mean(1, keepdims=True),  # their mean NLL is the loss
+            "token_mean_logprob": mean_lp, "token_std_logprob": rng.uniform(0.5, 1.5, (n, 3)), "token_entropy": -mean_lp,
+        }
+        ds = ds.remove_columns(["loss", "neighbor_losses"])
+        for name, values in columns.items():
+            ds = ds.add_column(name, values.tolist())
+        return ds
+
+    return make

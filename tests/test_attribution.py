@@ -199,3 +199,15 @@ def test_bad_arguments_are_clear(media_model) -> None:
         attribute(media_model, _media_rows(), baseline="blur")
     with pytest.raises(ValueError, match="neighbor_losses"):
         attribute(media_model, _media_rows().remove_columns("neighbor_losses"), graphs=False, progress=False)
+
+
+def test_statistics_group_dominates_when_only_the_absolute_loss_carries_signal(absolute_loss_signal, tmp_path) -> None:
+    """The combined head's sample statistics are a fourth group; on an absolute-loss signal they take the lead."""
+    ds = absolute_loss_signal(96, effect=1.0)
+    model = train_detector(ds, config={"head": "combined", **SMALL}, output_dir=tmp_path, num_train_epochs=2,
+                           disable_tqdm=True)
+    result = attribute(model, ds.select(range(24)), baseline="mean", graphs=False, progress=False)
+    shares = result.shares
+    assert set(shares) == {"loss", "embedding", "statistics"}
+    assert shares["statistics"] > 0.5 and result.summary["dims"]["statistics"] == len(model.config.sample_statistics)
+    assert result.summary["completeness_max_abs_error"] < 1e-3

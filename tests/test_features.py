@@ -12,9 +12,11 @@ from fimmia_hf.features import (
     FiMMIADataCollator,
     build_features,
     fit_normalization,
+    fit_statistics,
     membership_dataset,
     paired_dataset,
     sample_features,
+    sample_statistics,
 )
 
 
@@ -185,3 +187,54 @@ def test_collator_for_blind_head_needs_no_losses() -> None:
     assert set(batch) == {"embedding_delta", "neighbor_mask"}
     with pytest.raises(ValueError, match="missing"):
         FiMMIADataCollator.from_config(FiMMIAConfig(head="fimmia", embedding_dim=3))([row])
+
+
+def _scored(n=8, seed=0, answer_tokens=3):
+    """Scored rows with the scorer's per-token lists (as TargetScorer writes them)."""
+    rng = np.random.default_rng(seed)
+    lp = -rng.uniform(0.2, 3.0, (n, answer_tokens))
+    mu = -rng.uniform(0.5, 2.0, (n, answer_tokens))
+    table = _table(n=n, seed=seed).to_dict()
+    table.update(loss=(-lp.mean(1)).tolist(), answer=[f"answer {i}" for i in range(n)], token_logprobs=lp.tolist(),
+                 token_mean_logprob=mu.tolist(), token_std_logprob=rng.uniform(0.5, 1.5, lp.shape).tolist(),
+                 token_entropy=(-mu).tolist(), token_max_logprob=(lp * 0.2).tolist())
+    return datasets.Dataset.from_dict(table)
+
+
+def test_sample_statistics_are_the_classic_attack_scores() -> None:
+    from fimmia_hf.attacks import score_all
+
+    ds = _scored()
+    names = ["loss", "zlib", "min_k_pp_20", "neighborhood", "max_renyi_inf_k0"]
+    expected = score_all(ds)
+    for i, row in enumerate(ds):
+        np.testing.assert_allclose(sample_statistics(row, names), [expected[n][i] for n in names], rtol=1e-12)
+    failed = {**ds[0], "loss": math.nan, "token_logprobs": []}  # a row the scorer could not score
+    assert np.isnan(sample_statistics(failed, names)).all()
+    with pytest.raises(ValueError, match=r"sample_id='id0': cannot compute the sample statistics \['min_k_pp_20'\] "
+                                         r"\(min_k: missing column\(s\) 'token_logprobs'"):
+        sample_statistics({k: v for k, v in ds[0].items() if k != "token_logprobs"}, names)
+
+
+def test_fit_statistics_drops_repeats_and_constants_and_keeps_given_names() -> None:
+    one_token = _scored(n=40, answer_tokens=1)  # every Min-K% of a one-token answer is the same number
+    fitted = fit_statistics(one_token)
+    names = fitted["sample_statistics"]
+    assert names[0] == "loss" and not any(n.startswith("min_k_") and not n.startswith("min_k_pp") for n in names)
+    assert sum(n.startswith("min_k_pp_") for n in names) == 1 and "neighborhood" in names
+    matrix = np.array([sample_statistics(r, names) for r in one_token])
+    np.testing.assert_allclose(fitted["sample_statistics_mean"], matrix.mean(0))
+    np.testing.assert_allclose(fitted["sample_statistics_std"], matrix.std(0))  # population (true) std
+    given = fit_statistics(one_token, ["loss", "min_k_10"])
+    assert given["sample_statistics"] == ["loss", "min_k_10"]
+    no_scores = one_token.remove_columns(["loss", "neighbor_losses"])
+    with pytest.raises(ValueError, match="needs the scorer's columns"):
+        fit_statistics(no_scores)
+
+
+def test_collator_adds_statistics_for_the_combined_head() -> None:
+    ds = _scored(n=4)
+    collate = FiMMIADataCollator(statistics=["loss", "min_k_pp_10"])
+    batch = collate(list(ds))
+    assert batch["sample_statistics"].shape == (4, 2)
+    np.testing.assert_allclose(batch["sample_statistics"][:, 0].numpy(), -np.asarray(ds["loss"]), rtol=1e-6)

@@ -214,3 +214,25 @@ def test_cli_push(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "pushed detector to https://hub.example/me/cli-det/commit/1" in capsys.readouterr().out
     assert api.calls[0][1]["private"] is True
     assert "| AUC | 0.934 | [0.901, 0.962] |" in (tmp_path / "hub" / "model" / "me" / "cli-det" / "README.md").read_text()
+
+
+def test_card_reports_the_calibrated_thresholds_and_the_combined_statistics() -> None:
+    model = _detector()
+    model.config.decision_thresholds = {"0.01": 0.9312, "0.05": 0.8123}
+    model.config.card_data = {**model.config.card_data, "calibration": {
+        "split": "validation", "n_members": 40, "n_nonmembers": 60,
+        "levels": {"0.01": {"threshold": 0.9312, "fpr": 0.0, "tpr": 0.25}, "0.05": {"threshold": 0.8123, "fpr": 0.05, "tpr": 0.5}},
+        "notes": ["60 validation non-members cannot resolve FPR 0.01 (that needs at least 100): ..."],
+    }}
+    text = str(render_model_card(model, "me/x", METRICS))
+    assert "Label `member` when score > 0.9312, the threshold calibrated at 1 % FPR" in text
+    assert "Calibrated on the validation split (60 non-members, 40 members" in text
+    assert "| 1 % | 0.9312 | 0.000 | 0.250 |\n| 5 % | 0.8123 | 0.050 | 0.500 |" in text
+    assert "- Note: 60 validation non-members cannot resolve FPR 0.01" in text
+
+    uncalibrated = str(render_model_card(_detector(), "me/x", METRICS))
+    assert "Not calibrated (no validation split was recorded)" in uncalibrated and "score > 0.5" in uncalibrated
+
+    cfg = FiMMIAConfig(**{**_detector().config.to_dict(), "head": "combined", "sample_statistics": ["loss", "zlib"]})
+    combined = str(render_model_card(FiMMIAForMembershipInference(cfg), "me/x", METRICS))
+    assert "plus the sample's own statistics from the same forward passes\n  (loss, zlib:" in combined

@@ -261,3 +261,66 @@ def test_from_original_checkpoint_rejects_other_layouts(tmp_path) -> None:
         FiMMIAForMembershipInference.from_original_checkpoint(tmp_path / "x.safetensors")
     with pytest.raises(FileNotFoundError):
         FiMMIAForMembershipInference.from_original_checkpoint(tmp_path / "missing")
+
+
+STATS = ["loss", "min_k_pp_20", "neighborhood"]
+
+
+def _combined(**kw) -> FiMMIAConfig:
+    return _small(head="combined", sample_statistics=STATS, sample_statistics_mean=[-1.0, 0.5, 0.1],
+                  sample_statistics_std=[0.5, 2.0, 0.2], **kw)
+
+
+def test_combined_head_reads_normalised_statistics_beside_the_deltas() -> None:
+    torch.manual_seed(0)
+    model = FiMMIAForMembershipInference(_combined()).eval()
+    x, stats = _inputs(b=4, k=3), torch.randn(4, 3)
+    out = model(x["loss_delta"], x["embedding_delta"], sample_statistics=stats)
+    assert out.logits.shape == (4, 3, 2) and torch.isfinite(out.scores).all()
+    # the statistics change the scores: the head reads them (z-normalised with the config's mean and std)
+    assert not torch.allclose(model(x["loss_delta"], x["embedding_delta"], sample_statistics=stats + 1).scores, out.scores)
+    z = (stats - torch.tensor([-1.0, 0.5, 0.1])) / torch.tensor([0.5, 2.0, 0.2])
+    torch.testing.assert_close(model.normalize_statistics(stats), z)
+    with pytest.raises(ValueError, match=r"needs sample_statistics \[batch, 3\] \(loss, min_k_pp_20, neighborhood\)"):
+        model(x["loss_delta"], x["embedding_delta"])
+    with pytest.raises(ValueError, match=r"sample_statistics must be \[4, 3\]"):
+        model(x["loss_delta"], x["embedding_delta"], sample_statistics=torch.randn(4, 2))
+
+
+def test_combined_head_can_be_any_classic_attack_exactly() -> None:
+    """The direct path alone (MLP output zeroed) ranks samples exactly as the one statistic it weights."""
+    model = FiMMIAForMembershipInference(_combined()).eval()
+    with torch.no_grad():
+        model.attack_encoding[-1].weight.zero_()
+        model.attack_encoding[-1].bias.zero_()
+        model.statistics_logits.weight.zero_()
+        model.statistics_logits.weight[1, 1] = 3.0  # P(member) rises with min_k_pp_20 only
+    x, stats = _inputs(b=16, k=3), torch.randn(16, 3)
+    scores = model(x["loss_delta"], x["embedding_delta"], sample_statistics=stats).scores
+    assert torch.equal(scores.argsort(), stats[:, 1].argsort())
+
+
+def test_combined_head_masks_a_sample_without_statistics() -> None:
+    model = FiMMIAForMembershipInference(_combined()).eval()
+    x, stats = _inputs(b=3, k=2), torch.randn(3, 3)
+    stats[1, 0] = float("nan")  # the scorer could not score this sample
+    out = model(x["loss_delta"], x["embedding_delta"], sample_statistics=stats, labels=torch.tensor([0, 1, 1]))
+    assert torch.isnan(out.scores[1]) and torch.isfinite(out.scores[[0, 2]]).all() and torch.isfinite(out.loss)
+
+
+def test_combined_config_checks_and_keeps_its_statistics(tmp_path) -> None:
+    cfg = _combined(decision_thresholds={"0.01": 0.9, "0.05": 0.7})
+    cfg.save_pretrained(tmp_path)
+    back = FiMMIAConfig.from_pretrained(tmp_path)
+    assert back.sample_statistics == STATS and back.sample_statistics_std == [0.5, 2.0, 0.2]
+    assert back.decision_thresholds == {"0.01": 0.9, "0.05": 0.7} and back.uses_statistics and back.uses_loss
+    assert FiMMIAConfig(head="combined", sample_statistics=["loss"]).sample_statistics_std == [1.0]
+    for bad, message in (
+        (dict(head="combined"), "needs sample_statistics"),
+        (dict(head="combined", sample_statistics=["loss"], sample_statistics_std=[0.0]), "must be > 0"),
+        (dict(head="combined", sample_statistics=["loss", "zlib"], sample_statistics_mean=[0.0]), "one finite value"),
+        (dict(decision_thresholds={"1%": 0.9}), "FPR levels"),
+        (dict(decision_thresholds={"0.01": 1.5}), r"score in \[0, 1\]"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            _small(**bad)

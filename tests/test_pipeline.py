@@ -20,6 +20,8 @@ from fimmia_hf import FiMMIAConfig, FiMMIAForMembershipInference
 from fimmia_hf.pipeline_fimmia import MembershipInferencePipeline
 
 K = 4
+# the random detectors built here have no calibrated thresholds; the test that checks the warning catches it itself
+pytestmark = pytest.mark.filterwarnings("ignore:this detector has no decision threshold:UserWarning")
 
 
 def _dim(path: str, *keys: str) -> int:
@@ -170,3 +172,60 @@ def test_stage_settings_stored_at_training_are_the_pipeline_defaults(detector_di
     assert tuple(pipe._stage("neighbor").ops) == ("delete",) and pipe._stage("neighbor").seed == 1  # the caller wins
     with pytest.raises(ValueError, match="neighbor_kwargs must be a dict of JSON values"):
         FiMMIAConfig(neighbor_kwargs={"protected": {"<image>"}})
+
+
+def test_labels_use_the_threshold_calibrated_at_an_fpr(tmp_path: Path) -> None:
+    from fimmia_hf.testing import synthetic_features
+
+    torch.manual_seed(0)
+    rows = list(synthetic_features(n=6, k=3, dim=8))
+    model = FiMMIAForMembershipInference(FiMMIAConfig(embedding_dim=8, projection_dim=8, hidden_sizes=[8]))
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.warns(UserWarning, match="no decision threshold calibrated at FPR 0.01"):
+        plain = pipeline("membership-inference", model=str(tmp_path / "plain"), device="cpu")
+    scores = [r["score"] for r in plain(rows)]
+    assert [r["label"] for r in plain(rows)] == ["member" if s > 0.5 else "non-member" for s in scores]  # fallback
+    with pytest.raises(ValueError, match=r"no threshold calibrated at fpr=0.05; calibrated levels: none"):
+        plain(rows, fpr=0.05)
+
+    model.config.decision_thresholds = {"0.01": max(scores), "0.05": min(scores) / 2}
+    model.save_pretrained(tmp_path / "calibrated")
+    pipe = pipeline("membership-inference", model=str(tmp_path / "calibrated"), device="cpu")
+    assert {r["label"] for r in pipe(rows)} == {"non-member"}  # FPR 1 % by default: no score exceeds the highest
+    assert {r["label"] for r in pipe(rows, fpr=0.05)} == {"member"}
+    assert {r["label"] for r in pipe(rows, threshold=1.0)} == {"non-member"}
+    with pytest.raises(ValueError, match=r"fpr=0.1; calibrated levels: 0.01, 0.05"):
+        pipe(rows, fpr=0.1)
+    with pytest.raises(ValueError, match="not both"):
+        pipe(rows, fpr=0.05, threshold=0.5)
+
+
+def test_combined_head_scores_raw_samples_as_predict_does(tiny_model, samples: list[dict], tmp_path: Path) -> None:
+    """The pipeline computes the combined head's statistics from its own scorer run exactly as training and
+    `predict` do from the scorer's columns."""
+    from fimmia_hf import load_samples
+    from fimmia_hf.training import predict
+
+    paths = {k: tiny_model(k) for k in ("image-text", "text-encoder")}
+    torch.manual_seed(0)
+    cfg = FiMMIAConfig(
+        head="combined", embedding_dim=_dim(paths["text-encoder"], "hidden_size"), projection_dim=16,
+        hidden_sizes=[8], num_neighbors=K, modality="image", target_model=paths["image-text"],
+        embedding_model=paths["text-encoder"], sample_statistics=["loss", "min_k_pp_20", "neighborhood", "max_renyi_1_k0"],
+        sample_statistics_mean=[-7.0, 0.0, 0.0, -7.0], sample_statistics_std=[1.0, 1.0, 0.1, 1.0],
+    )
+    FiMMIAForMembershipInference(cfg).save_pretrained(tmp_path / "det")
+    with pytest.warns(UserWarning):  # not calibrated
+        pipe = pipeline("membership-inference", model=str(tmp_path / "det"), device="cpu",
+                        neighbor_kwargs={"ops": ("delete", "swap")})
+    rows = [{k: r[k] for k in ("input", "answer", "image")} for r in samples]
+    out = pipe(rows, return_features=True)
+    assert pipe._stage("target").token_stats is True  # the scorer writes the per-token lists the statistics need
+    assert all(math.isfinite(r["score"]) for r in out)
+    assert set(out[0]["features"]["sample_statistics"]) == set(cfg.sample_statistics)
+
+    ds = load_samples(datasets.Dataset.from_list(rows))
+    for role in ("neighbor", "embedding", "target"):
+        ds = pipe._stage(role).apply(ds, cache_dir=str(tmp_path / role))
+    expected = predict(str(tmp_path / "det"), ds, progress=False)["score"]
+    assert [r["score"] for r in out] == pytest.approx(expected, abs=1e-6)

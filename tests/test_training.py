@@ -26,9 +26,11 @@ from fimmia_hf.testing import synthetic_features
 from fimmia_hf.training import (
     add_predict_arguments,
     add_train_arguments,
+    calibrate_thresholds,
     predict,
     run_predict,
     run_train,
+    threshold_at_fpr,
     train_detector,
 )
 
@@ -87,6 +89,46 @@ def test_saved_detector_and_card_data(trained, split) -> None:
     np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
+def test_calibrated_thresholds_keep_the_fpr_on_the_calibration_split(trained, split) -> None:
+    model, out, _ = trained
+    _, held_out = split  # the validation split the thresholds were calibrated on
+    thresholds = FiMMIAForMembershipInference.from_pretrained(out).config.decision_thresholds
+    assert set(thresholds) == {"0.01", "0.05"}
+    scored = predict(model, held_out, progress=False)
+    labels, scores = np.asarray(scored["label"]), np.asarray(scored["score"])
+    nonmembers = np.sort(scores[labels == 0])
+    for key, t in thresholds.items():
+        fpr = float(key)
+        assert (nonmembers > t).mean() <= fpr  # score > t => member keeps the FPR at or below the level
+        assert (nonmembers >= t).mean() > fpr  # and t is the smallest such threshold: one step lower exceeds it
+    record = model.config.card_data["calibration"]
+    assert record["n_nonmembers"] == len(nonmembers) < 100
+    assert record["levels"]["0.05"]["fpr"] <= 0.05 and record["levels"]["0.05"]["tpr"] > 0.5
+    assert any(f"{len(nonmembers)} validation non-members cannot resolve FPR 0.01" in n for n in record["notes"])
+    assert thresholds["0.01"] == nonmembers[-1]  # too few to resolve 1 %: the highest non-member score
+
+
+def test_threshold_rule_is_exact_where_a_quantile_is_not() -> None:
+    scores = np.arange(50) / 50.0  # 50 non-members: FPR 5 % allows 2 false positives
+    t = threshold_at_fpr(scores, 0.05)
+    assert t == scores[-3] and (scores > t).sum() == 2
+    interpolated = np.quantile(scores, 0.95)  # the obvious rule lets 3 through: FPR 6 %
+    assert (scores > interpolated).mean() > 0.05
+    assert threshold_at_fpr([0.2, 0.9, 0.9, 0.9], 0.25) == 0.9  # ties: none above it, FPR 0
+    assert threshold_at_fpr(np.linspace(0, 1, 100), 0.01) == np.linspace(0, 1, 100)[-2]  # 0.01 * 100 = 1, not 0.999
+    thresholds, record = calibrate_thresholds([1, 1, 0, 0], [0.9, float("nan"), 0.3, 0.6])
+    assert thresholds == {"0.01": 0.6, "0.05": 0.6}
+    assert record["n_members"] == 1 and record["levels"]["0.01"] == {"threshold": 0.6, "fpr": 0.0, "tpr": 1.0}
+
+
+def test_without_validation_split_thresholds_are_not_calibrated(split, tmp_path, caplog) -> None:
+    model = train_detector(split[0].select(range(32)), config={"projection_dim": 16, "hidden_sizes": [8]},
+                           output_dir=tmp_path, num_train_epochs=1, **QUIET)
+    assert model.config.decision_thresholds is None
+    assert "not calibrated" in model.config.card_data["calibration"]["note"]
+    assert "decision thresholds were not calibrated" in caplog.text
+
+
 def test_blind_embedding_only_control_is_near_chance(split, tmp_path) -> None:
     """Embeddings of the synthetic samples carry no membership signal: the blind head must not find one."""
     train, held_out = split
@@ -115,6 +157,23 @@ def test_training_input_errors(split, tmp_path) -> None:
         train_detector(train, config={"media_embedding_dim": 4}, output_dir=tmp_path)
     with pytest.raises(ValueError, match="'label'"):
         train_detector(train.remove_columns("label"), output_dir=tmp_path)
+
+
+def test_combined_head_learns_an_absolute_loss_signal_the_delta_head_cannot(absolute_loss_signal, tmp_path) -> None:
+    from fimmia_hf.attacks import score_all
+
+    train, held_out = split_samples(absolute_loss_signal(160, effect=1.0), test_size=0.5, seed=0)
+    auc = lambda scores: membership_metrics(held_out["label"], scores, n_bootstrap=0)["auc"]  # noqa: E731
+    found = {}
+    for head in ("fimmia", "combined"):
+        config = {"head": head, "projection_dim": 64, "hidden_sizes": [32, 16]}
+        model = train_detector(train, config=config, output_dir=tmp_path / head, num_train_epochs=5, **QUIET)
+        found[head] = auc(predict(model, held_out, progress=False)["score"])
+    loss_auc = auc(score_all(held_out)["loss"])
+    print(f"held-out AUC: {found}, LOSS attack {loss_auc:.3f}")
+    assert found["fimmia"] < 0.65  # the deltas carry nothing
+    assert found["combined"] > 0.75 and found["combined"] >= loss_auc - 0.05
+    assert model.config.sample_statistics[0] == "loss"
 
 
 def _paired_tables(tmp_path: Path) -> tuple[str, str]:
