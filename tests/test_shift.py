@@ -6,9 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from sklearn.base import BaseEstimator, ClassifierMixin
 
+from fimmia_hf.metrics import membership_metrics
 from fimmia_hf.shift import run_blind_baselines
-from fimmia_hf.shift.evaluation import outer_folds
+from fimmia_hf.shift.evaluation import SEARCH_PRESETS, BlindMethod, cross_validate, fold_quantiles, outer_folds
 from fimmia_hf.shift.text import GreedyNgramClassifier, extract_dates
 
 N = 200
@@ -185,3 +187,54 @@ def test_texts_without_words_skip_the_word_baselines_with_a_warning():
         res = run_blind_baselines(ds, methods=["bag_of_words", "date_detection"], search="fast", progress=False)
     assert set(res) == {"date_detection"}
     assert res["date_detection"]["auc"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling out-of-fold scores
+
+
+def test_constant_scores_pool_to_exactly_one_half():
+    """No year anywhere: date detection learns nothing and predicts each training fold's base rate.
+
+    103 rows make folds of unequal class balance, so those constants differ from fold to fold.
+    """
+    rng = np.random.default_rng(10)
+    ds = {
+        "input": [f"What happened? {_sentence(rng)}" for _ in range(103)],
+        "answer": [_sentence(rng) for _ in range(103)],
+        "label": [int(i < 52) for i in range(103)],
+    }
+    res = run_blind_baselines(ds, methods=["date_detection"], search="fast", sanity=False, progress=False)
+    assert res["date_detection"]["auc"] == 0.5
+    assert len(set(res["date_detection"]["scores"])) == 1  # one scale: every fold's constant is the same point
+
+
+class _FoldScaled(ClassifierMixin, BaseEstimator):
+    """Ranks its inputs perfectly, on a scale its training fold sets (forests and naive Bayes, in the extreme)."""
+
+    def fit(self, X, y):
+        self.classes_ = np.array([0, 1])
+        self.offset_ = 100.0 * float(np.sum(X))
+        return self
+
+    def decision_function(self, X):
+        return np.asarray(X, dtype=float).ravel() + self.offset_
+
+
+def test_two_folds_on_different_scales_give_the_per_fold_auc():
+    rng = np.random.default_rng(11)
+    y = np.array([0, 1] * 30)
+    x = y + 0.5 * rng.random(len(y))  # every member above every non-member, within any fold
+    method = BlindMethod("fold_scaled", lambda space, seed: (_FoldScaled(), [{}]), lambda t: t)
+    scores, fold_aucs, _ = cross_validate(method, x, y, space=SEARCH_PRESETS["fast"], folds=2, seed=0)
+    assert fold_aucs == [1.0, 1.0]
+    assert membership_metrics(y, scores, n_bootstrap=0)["auc"] == 1.0  # pooled raw scores give 0.75
+
+    # any AUC, not only a perfect one: folds that rank alike pool to their own AUC, whatever their scales
+    labels = np.array([0, 1, 0, 1, 1, 0, 0, 1])
+    fold = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    assert membership_metrics(labels, fold, n_bootstrap=0)["auc"] == 0.5625
+    pooled = np.concatenate([fold_quantiles(fold), fold_quantiles(1000 + 50 * fold)])
+    assert membership_metrics(np.tile(labels, 2), pooled, n_bootstrap=0)["auc"] == 0.5625
+    raw = np.concatenate([fold, 1000 + 50 * fold])
+    assert membership_metrics(np.tile(labels, 2), raw, n_bootstrap=0)["auc"] != 0.5625

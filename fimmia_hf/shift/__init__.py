@@ -206,11 +206,13 @@ def run_blind_baselines(
     ``ds`` has ``label``, ``input``, ``answer`` and at most one media column (``image``/``audio``/
     ``video``: paths or decoded values). Without ``test_ds``: stratified ``folds``-fold CV (rows
     sharing a ``sample_id`` stay together), hyper-parameters searched by an inner CV on each
-    training fold, metrics on the pooled out-of-fold scores. With ``test_ds``: fit on ``ds``, score
-    ``test_ds`` (so the baselines share the test split of the other attacks).
+    training fold, metrics on the out-of-fold scores pooled as within-fold quantiles (the pooling
+    rule: :mod:`fimmia_hf.shift.evaluation`). With ``test_ds``: fit on ``ds``, score ``test_ds``
+    (so the baselines share the test split of the other attacks).
 
     Each entry is :func:`fimmia_hf.metrics.membership_metrics` of the scores plus ``scores``
-    (np.ndarray, aligned with the scored rows, higher = member), ``params`` (the hyper-parameters
+    (np.ndarray aligned with the scored rows, higher = member: within-fold quantiles in CV mode,
+    P(member) in train/test mode), ``params`` (the hyper-parameters
     chosen, one string per fit) and ``fold_auc_mean`` / ``fold_auc_std`` in CV mode. The entry
     ``"permuted_labels"`` reruns the primary method with shuffled labels (its ``method`` key says
     which; in train/test mode the test labels are shuffled too); its AUC must be ~ 0.5, otherwise
