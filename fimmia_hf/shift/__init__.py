@@ -30,14 +30,7 @@ from threadpoolctl import threadpool_limits
 
 from ..data import table_column, table_columns
 from ..metrics import json_safe
-from .evaluation import (
-    SEARCH_PRESETS,
-    BlindMethod,
-    SearchSpace,
-    classifier,
-    cross_validate,
-    fit_and_score,
-)
+from .evaluation import SEARCH_PRESETS, BlindMethod, SearchSpace, classifier, cross_validate, fit_and_score
 from .text import bag_of_words_method, date_detection_method, greedy_ngrams_method, sample_text, text_vectorizer
 
 __all__ = [
@@ -54,7 +47,7 @@ __all__ = [
 
 MEDIA_MODALITIES = ("image", "audio", "video")
 PERMUTED = "permuted_labels"
-SANITY_REPEATS = 10  # permutations in the sanity check: enough for a t-interval about +-0.05 wide on 400 rows
+SANITY_REPEATS = 10  # permutations in the sanity check: a t-interval of about ±0.05 on 400 rows
 
 
 # ---------------------------------------------------------------------------------------------
