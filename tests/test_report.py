@@ -72,10 +72,10 @@ def test_report_heads_with_a_failed_permuted_label_check_and_states_the_pooling_
     from fimmia_hf.testing import make_synthetic_samples
 
     ds = _scored(make_synthetic_samples(tmp_path / "data", modality="text", n=60, seed=2))
-    blind = run_blind_baselines(ds, methods=["date_detection"], search="fast", sanity_repeats=4, progress=False)
+    blind = run_blind_baselines(ds, methods=["date_detection"], search="fast", sanity_repeats=2, progress=False)
     build_report(ds, out_dir=tmp_path / "passed", blind=blind, n_bootstrap=50)
     md = (tmp_path / "passed" / "report.md").read_text()
-    assert "each score becomes its quantile within its fold" in md and "on 4 independent label permutations of the data" in md
+    assert "each score becomes its quantile within its fold" in md and "on 2 independent label permutations of the data" in md
     assert "PERMUTED-LABEL CHECK" not in md
 
     failed = {**blind, "permuted_labels": {**blind["permuted_labels"], "auc": 0.436, "auc_ci": [0.379, 0.494]}}

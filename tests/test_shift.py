@@ -117,7 +117,9 @@ def test_moving_member_videos_are_found_by_motion_statistics():
 def test_train_test_mode_scores_the_given_test_split():
     train = _texts(120, 5, range(2010, 2020), range(2022, 2025))
     test = _texts(60, 6, range(2010, 2020), range(2022, 2025))
-    res = run_blind_baselines(train, test_ds=test, search="fast", progress=False, methods=["date_detection"])
+    res = run_blind_baselines(
+        train, test_ds=test, search="fast", progress=False, methods=["date_detection"], sanity_repeats=4
+    )
     assert res["date_detection"]["scores"].shape == (60,)
     assert _auc(res, "date_detection") > 0.9
     assert abs(_auc(res, "permuted_labels") - 0.5) < 0.2  # cross-validated on shuffled training labels
