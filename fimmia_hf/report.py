@@ -21,6 +21,8 @@ from . import attacks, shift
 from .metrics import json_safe, membership_metrics, plot_roc
 
 SHIFT_WARNING_AUC = 0.6
+# warnings that head the report (and the console) instead of waiting in the notes at its end
+HEADLINE_WARNINGS = ("DISTRIBUTION SHIFT", "PERMUTED-LABEL CHECK")
 _SUMMARY_KEYS = ("auc", "tpr@0.1%fpr", "tpr@1%fpr", "tpr@5%fpr", "fpr@95%tpr")
 
 
@@ -92,11 +94,9 @@ def build_report(
     shift_warning = _shift_warning(methods, blind_names)
     if shift_warning:
         warnings.append(shift_warning)
-    sanity = methods.get(f"blind: {shift.PERMUTED}")
-    if sanity is not None and not sanity["auc_ci"][0] <= 0.5 <= sanity["auc_ci"][1]:
-        warnings.append(
-            f"the permuted-label sanity run reached AUC {sanity['auc']:.3f} (95 % CI excludes 0.5): the evaluation leaks labels"
-        )
+    sanity_warning = shift.sanity_warning(blind.get(shift.PERMUTED))
+    if sanity_warning:
+        warnings.append(sanity_warning)
 
     lift = {}
     primary = next(iter(detector_scores or {}), None)
@@ -121,12 +121,14 @@ def build_report(
         "best_classic_attack": classic[0] if classic else None,
         "best_blind_baseline": best_blind,
         "lift_over_best_blind": lift,
+        "blind_evaluation": shift.describe_evaluation(blind),
         # sample-size warnings are the same for every method: state each once
         "warnings": warnings + list(dict.fromkeys(w for m in methods.values() for w in m.get("warnings", []))),
         "notes": notes or [],
         "roc_plot": "roc.png",
     }
-    saved = {**report, "methods": {n: {k: v for k, v in m.items() if k != "scores"} for n, m in methods.items()}}
+    per_row = ("scores", "labels")  # arrays as long as the data: kept in the returned dict, not in report.json
+    saved = {**report, "methods": {n: {k: v for k, v in m.items() if k not in per_row} for n, m in methods.items()}}
     (out_dir / "report.json").write_text(json.dumps(json_safe(saved), indent=2, ensure_ascii=False))
     (out_dir / "report.md").write_text(_markdown(report, methods, detectors, classic, blind_names))
     return report
@@ -152,12 +154,13 @@ def _markdown(report: dict, methods: dict, detectors: list[str], classic: list[s
     order = detectors + classic + sorted(blind_names, key=lambda n: -methods[n]["auc"])
     order += [n for n, m in methods.items() if m["kind"] == "sanity check"]
     parts = [f"# {report['title']}", ""]
-    parts += [f"> **WARNING** {w}" for w in report["warnings"] if w.startswith("DISTRIBUTION SHIFT")]
+    parts += [f"> **WARNING** {w}" for w in report["warnings"] if w.startswith(HEADLINE_WARNINGS)]
     parts += [
         "",
         f"Test split: {report['n_members']} members, {report['n_nonmembers']} non-members. "
         "Metrics are exact (step ROC, no interpolation); intervals are 95 % stratified bootstrap.",
         "",
+        *([report["blind_evaluation"], ""] if report.get("blind_evaluation") else []),
         _table([(n, methods[n]["kind"], methods[n]) for n in order]),
         "",
     ]
@@ -176,7 +179,7 @@ def _markdown(report: dict, methods: dict, detectors: list[str], classic: list[s
             cells = [methods[n].get("groups", {}).get(g, {}).get("auc") for n in headline]
             parts.append(f"| {g} | " + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells) + " |")
         parts.append("")
-    other = [w for w in report["warnings"] if not w.startswith("DISTRIBUTION SHIFT")]
+    other = [w for w in report["warnings"] if not w.startswith(HEADLINE_WARNINGS)]
     if other:
         parts += ["## Notes and warnings", "", *[f"- {w}" for w in other], ""]
     parts += [f"- {n}" for n in report["notes"]]
@@ -215,6 +218,7 @@ def run_evaluate(args: Any) -> int:
         n_bootstrap=args.n_bootstrap, title=args.title,
     )
     print((Path(args.out) / "report.md").read_text())
-    for warning in report["warnings"][:1]:
-        print(f"WARNING: {warning}")
+    for warning in report["warnings"]:
+        if warning.startswith(HEADLINE_WARNINGS):
+            print(f"WARNING: {warning}")
     return 0

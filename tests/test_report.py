@@ -65,3 +65,24 @@ def test_shift_warning_says_when_its_interval_includes_chance() -> None:
     assert "[0.48, 0.76]" in _shift_warning(chance, list(chance)) and "may be chance" in _shift_warning(chance, list(chance))
     assert "may be chance" not in _shift_warning({**chance, **clear}, [*chance, *clear])
     assert _shift_warning({"blind: x": {"auc": 0.55, "auc_ci": [0.4, 0.7]}}, ["blind: x"]) is None
+
+
+def test_report_heads_with_a_failed_permuted_label_check_and_states_the_pooling_rule(tmp_path: Path) -> None:
+    from fimmia_hf.shift import run_blind_baselines
+    from fimmia_hf.testing import make_synthetic_samples
+
+    ds = _scored(make_synthetic_samples(tmp_path / "data", modality="text", n=60, seed=2))
+    blind = run_blind_baselines(ds, methods=["date_detection"], search="fast", sanity_repeats=2, progress=False)
+    build_report(ds, out_dir=tmp_path / "passed", blind=blind, n_bootstrap=50)
+    md = (tmp_path / "passed" / "report.md").read_text()
+    assert "each score becomes its quantile within its fold" in md and "on 2 independent label permutations of the data" in md
+    assert "PERMUTED-LABEL CHECK" not in md
+
+    failed = {**blind, "permuted_labels": {**blind["permuted_labels"], "auc": 0.436, "auc_ci": [0.379, 0.494]}}
+    build_report(ds, out_dir=tmp_path / "failed", blind=failed, n_bootstrap=50)
+    head = (tmp_path / "failed" / "report.md").read_text().split("| method |")[0]  # above the table
+    assert "**WARNING** PERMUTED-LABEL CHECK FAILED" in head
+    assert "0.436 [0.379, 0.494]" in head and "the blind baselines may be overfitting; do not trust their AUCs" in head
+    saved = json.loads((tmp_path / "failed" / "report.json").read_text())
+    assert saved["warnings"][0].startswith("PERMUTED-LABEL CHECK FAILED")
+    assert "labels" not in saved["methods"]["blind: permuted_labels"]  # per-row arrays stay out of report.json

@@ -6,9 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from sklearn.base import BaseEstimator, ClassifierMixin
 
-from fimmia_hf.shift import run_blind_baselines
-from fimmia_hf.shift.evaluation import outer_folds
+from fimmia_hf.metrics import membership_metrics
+from fimmia_hf.shift import evaluation, run_blind_baselines, sanity_warning
+from fimmia_hf.shift.evaluation import SEARCH_PRESETS, BlindMethod, cross_validate, fold_quantiles, outer_folds
 from fimmia_hf.shift.text import GreedyNgramClassifier, extract_dates
 
 N = 200
@@ -42,9 +44,14 @@ def test_year_shift_is_found_by_date_detection_and_bag_of_words():
     assert _auc(res, "date_detection") > 0.9
     assert _auc(res, "bag_of_words") > 0.9
     assert _auc(res, "greedy_ngrams") > 0.6  # rules flag member years at (near) zero FPR
-    assert abs(_auc(res, "permuted_labels") - 0.5) < 0.15 and res["permuted_labels"]["method"] == "bag_of_words"
-    for entry in res.values():
-        assert entry["scores"].shape == (N,) and np.isfinite(entry["scores"]).all()
+    permuted = res["permuted_labels"]
+    assert abs(permuted["auc"] - 0.5) < 0.15 and permuted["method"] == "bag_of_words"
+    assert permuted["repeats"] == len(permuted["repeat_aucs"]) == 10
+    assert permuted["auc"] == pytest.approx(np.mean(permuted["repeat_aucs"]))
+    assert permuted["auc_ci"][0] < 0.5 < permuted["auc_ci"][1] and sanity_warning(permuted) is None
+    for name, entry in res.items():
+        rows = entry["labels"].shape if name == "permuted_labels" else (N,)  # the repeats' held-out folds
+        assert entry["scores"].shape == rows and np.isfinite(entry["scores"]).all()
         assert "tpr@1%fpr" in entry
 
 
@@ -110,10 +117,12 @@ def test_moving_member_videos_are_found_by_motion_statistics():
 def test_train_test_mode_scores_the_given_test_split():
     train = _texts(120, 5, range(2010, 2020), range(2022, 2025))
     test = _texts(60, 6, range(2010, 2020), range(2022, 2025))
-    res = run_blind_baselines(train, test_ds=test, search="fast", progress=False, methods=["date_detection"])
+    res = run_blind_baselines(
+        train, test_ds=test, search="fast", progress=False, methods=["date_detection"], sanity_repeats=4
+    )
     assert res["date_detection"]["scores"].shape == (60,)
     assert _auc(res, "date_detection") > 0.9
-    assert abs(_auc(res, "permuted_labels") - 0.5) < 0.2  # shuffled labels on both sides
+    assert abs(_auc(res, "permuted_labels") - 0.5) < 0.2  # cross-validated on shuffled training labels
 
 
 def test_outer_folds_keep_a_sample_together():
@@ -147,6 +156,8 @@ def test_bad_input_raises_clear_errors():
         run_blind_baselines(ds, methods=["image_features"], progress=False)
     with pytest.raises(ValueError, match="row 3"):
         run_blind_baselines({**ds, "label": [0, 1, 2] + ds["label"][3:]}, progress=False)
+    with pytest.raises(ValueError, match="sanity_repeats must be at least 2"):
+        run_blind_baselines(ds, sanity_repeats=1, progress=False)
 
 
 def test_audio_mfcc_matches_torchaudio():
@@ -170,13 +181,15 @@ def test_cli_writes_json(tmp_path, capsys):
     ds = _texts(60, 9, range(2010, 2020), range(2022, 2025))
     pd.DataFrame(ds).to_csv(tmp_path / "samples.csv", index=False)
     argv = ["shift", "--data", str(tmp_path / "samples.csv"), "--methods", "date_detection", "--search", "fast",
-            "--out", str(tmp_path / "shift.json")]
+            "--sanity-repeats", "2", "--out", str(tmp_path / "shift.json")]
     assert main(argv) == 0
     assert "distribution" in capsys.readouterr().out  # the shifted split is called out
     payload = json.loads((tmp_path / "shift.json").read_text())
     assert payload["modality"] == "text" and payload["n"] == 60
     assert payload["results"]["date_detection"]["auc"] > 0.9
     assert len(payload["results"]["date_detection"]["scores"]) == 60 == len(payload["sample_id"])
+    permuted = payload["results"]["permuted_labels"]
+    assert permuted["repeats"] == 2 and len(permuted["scores"]) == len(permuted["labels"]) == 24  # 2 folds of 12
 
 
 def test_texts_without_words_skip_the_word_baselines_with_a_warning():
@@ -185,3 +198,82 @@ def test_texts_without_words_skip_the_word_baselines_with_a_warning():
         res = run_blind_baselines(ds, methods=["bag_of_words", "date_detection"], search="fast", progress=False)
     assert set(res) == {"date_detection"}
     assert res["date_detection"]["auc"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling out-of-fold scores, and the permuted-label check
+
+
+def test_constant_scores_pool_to_exactly_one_half():
+    """No year anywhere: date detection learns nothing and predicts each training fold's base rate.
+
+    103 rows make folds of unequal class balance, so those constants differ from fold to fold.
+    """
+    rng = np.random.default_rng(10)
+    ds = {
+        "input": [f"What happened? {_sentence(rng)}" for _ in range(103)],
+        "answer": [_sentence(rng) for _ in range(103)],
+        "label": [int(i < 52) for i in range(103)],
+    }
+    res = run_blind_baselines(ds, methods=["date_detection"], search="fast", sanity=False, progress=False)
+    assert res["date_detection"]["auc"] == 0.5
+    assert len(set(res["date_detection"]["scores"])) == 1  # one scale: every fold's constant is the same point
+
+
+class _FoldScaled(ClassifierMixin, BaseEstimator):
+    """Ranks its inputs perfectly, on a scale its training fold sets (forests and naive Bayes, in the extreme)."""
+
+    def fit(self, X, y):
+        self.classes_ = np.array([0, 1])
+        self.offset_ = 100.0 * float(np.sum(X))
+        return self
+
+    def decision_function(self, X):
+        return np.asarray(X, dtype=float).ravel() + self.offset_
+
+
+def test_two_folds_on_different_scales_give_the_per_fold_auc():
+    rng = np.random.default_rng(11)
+    y = np.array([0, 1] * 30)
+    x = y + 0.5 * rng.random(len(y))  # every member above every non-member, within any fold
+    method = BlindMethod("fold_scaled", lambda space, seed: (_FoldScaled(), [{}]), lambda t: t)
+    scores, fold_aucs, _ = cross_validate(method, x, y, space=SEARCH_PRESETS["fast"], folds=2, seed=0)
+    assert fold_aucs == [1.0, 1.0]
+    assert membership_metrics(y, scores, n_bootstrap=0)["auc"] == 1.0  # pooled raw scores give 0.75
+
+    # any AUC, not only a perfect one: folds that rank alike pool to their own AUC, whatever their scales
+    labels = np.array([0, 1, 0, 1, 1, 0, 0, 1])
+    fold = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    assert membership_metrics(labels, fold, n_bootstrap=0)["auc"] == 0.5625
+    pooled = np.concatenate([fold_quantiles(fold), fold_quantiles(1000 + 50 * fold)])
+    assert membership_metrics(np.tile(labels, 2), pooled, n_bootstrap=0)["auc"] == 0.5625
+    raw = np.concatenate([fold, 1000 + 50 * fold])
+    assert membership_metrics(np.tile(labels, 2), raw, n_bootstrap=0)["auc"] != 0.5625
+
+
+def test_permuted_label_check_speaks_up_when_the_folds_leak(monkeypatch, tmp_path, capsys):
+    """A split that lets test rows into training (the kind of bug the check exists for) must fail it, loudly."""
+    import pandas as pd
+
+    from fimmia_hf.cli import main
+
+    honest = evaluation.outer_folds
+    monkeypatch.setattr(
+        evaluation, "outer_folds", lambda y, *a, **k: [(np.arange(len(y)), test) for _, test in honest(y, *a, **k)]
+    )
+    ds = _texts(120, 12, range(2010, 2025), range(2010, 2025))
+    pd.DataFrame(ds).to_csv(tmp_path / "samples.csv", index=False)
+    argv = ["shift", "--data", str(tmp_path / "samples.csv"), "--methods", "bag_of_words", "--search", "fast",
+            "--sanity-repeats", "4"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "PERMUTED-LABEL CHECK FAILED" in out and "the blind baselines may be overfitting; do not trust their AUCs" in out
+    assert "over 4 permutation(s)" in out and "quantile within its fold" in out  # the pooling rule is stated
+
+
+def test_sanity_warning_only_when_the_interval_excludes_one_half():
+    entry = {"method": "bag_of_words", "auc": 0.436, "auc_ci": [0.379, 0.494], "repeats": 10}
+    assert "0.436 [0.379, 0.494] over 10 permutation(s)" in sanity_warning(entry)
+    assert sanity_warning({**entry, "auc": 0.47, "auc_ci": [0.43, 0.51]}) is None
+    assert sanity_warning({**entry, "auc": 0.58, "auc_ci": [0.52, 0.64]}) is not None  # above chance fails too
+    assert sanity_warning(None) is None

@@ -4,9 +4,14 @@ On most published MIA benchmarks they can (Das, Zhang & Tramèr 2024; Duan et al
 non-members come from different distributions, and any attack, above all a learned one, may be
 measuring that shift instead of membership. :func:`run_blind_baselines` runs classifiers that never
 query a model, on text (words, dates, n-gram rules), on the media (image, audio, video statistics)
-and on both, with nested stratified cross-validation (or on a given train/test split), plus a
-permuted-label run that must come out at AUC ~ 0.5. A blind AUC well above 0.5 means the split
-cannot support membership claims.
+and on both, with nested stratified cross-validation (or on a given train/test split). A blind AUC
+well above 0.5 means the split cannot support membership claims.
+
+Two rules keep those AUCs honest. Out-of-fold scores become quantiles within their fold before
+pooling, because each fold's classifier scores on its own scale (:mod:`fimmia_hf.shift.evaluation`).
+And a permuted-label check reruns the primary method, search included, on independent label
+permutations: a pipeline that overfits noise (or leaks) lands away from 0.5, and the repeats give
+an interval, so :func:`sanity_warning` can tell a failed check from noise.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import argparse
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +39,15 @@ __all__ = [
     "build_table",
     "blind_methods",
     "run_blind_baselines",
+    "sanity_warning",
+    "describe_evaluation",
     "add_shift_arguments",
     "run_shift",
 ]
 
 MEDIA_MODALITIES = ("image", "audio", "video")
 PERMUTED = "permuted_labels"
+SANITY_REPEATS = 10  # permutations in the sanity check: a t-interval of about ±0.05 on 400 rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,8 +191,98 @@ def _metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     return dict(membership_metrics(labels, scores))
 
 
+def _mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, tuple[float, float]]:
+    """Mean of independent repeats and its Student-t interval (clipped to [0, 1], the range of an AUC)."""
+    from scipy.stats import t
+
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean()) if len(values) else math.nan
+    if len(values) < 2:
+        return mean, (math.nan, math.nan)
+    half = float(t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    return mean, (max(0.0, mean - half), min(1.0, mean + half))
+
+
 def _groups(ds: Any) -> list[Any] | None:
     return table_column(ds, "sample_id") if "sample_id" in table_columns(ds) else None
+
+
+@dataclass
+class _Evaluation:
+    """How every method is scored: cross-validation on ``table``, or fit on it and score ``test_table``."""
+
+    table: BlindTable
+    y: np.ndarray
+    test_table: BlindTable | None
+    y_test: np.ndarray | None
+    space: SearchSpace
+    folds: int
+    seed: int
+    groups: list[Any] | None
+    n_jobs: int
+
+    def _cross_validate(
+        self, method: BlindMethod, labels: np.ndarray, seed: int, fold_limit: int | None = None
+    ) -> tuple[np.ndarray, list[float], list[str]]:
+        return cross_validate(
+            method, method.inputs(self.table), labels, space=self.space, folds=self.folds, seed=seed,
+            groups=self.groups, n_jobs=self.n_jobs, fold_limit=fold_limit,
+        )
+
+    def baseline(self, method: BlindMethod) -> dict[str, Any]:
+        """Metrics + scores of one baseline on the true labels."""
+        if self.test_table is None:
+            scores, fold_aucs, params = self._cross_validate(method, self.y, self.seed)
+            entry = _metrics(self.y, scores)
+            entry["fold_auc_mean"] = float(np.mean(fold_aucs)) if fold_aucs else math.nan
+            entry["fold_auc_std"] = float(np.std(fold_aucs)) if fold_aucs else math.nan
+            entry["evaluation"] = (
+                f"{len(params)}-fold cross-validation, hyper-parameters searched inside each training fold; before "
+                "pooling, each score becomes its quantile within its fold (the share of the fold scoring lower), so "
+                "every fold is on one scale and constant scores give AUC 0.5"
+            )
+        else:
+            scores, chosen = fit_and_score(
+                method, method.inputs(self.table), self.y, method.inputs(self.test_table), space=self.space,
+                seed=self.seed, n_jobs=self.n_jobs,
+            )
+            params = [chosen]
+            entry = _metrics(self.y_test, scores)
+            entry["evaluation"] = "fitted on the training split (hyper-parameters searched on it), scored on the test split"
+        entry["params"] = params
+        entry["scores"] = scores
+        return entry
+
+    def permuted(self, method: BlindMethod, rng: np.random.Generator, repeats: int) -> dict[str, Any]:
+        """The permuted-label check: ``repeats`` independent label permutations, each scored on a held-out fold.
+
+        A repeat shuffles the labels of ``table`` (the training split in train/test mode), draws a
+        fresh stratified split and runs the full method, search included, on all folds but one,
+        scoring the held-out fold: a method that fits noise, or a split that leaks, lands away from
+        0.5. One fold per repeat buys the most independent repeats for the time. The repeats are
+        independent, so the mean of their AUCs has a Student-t interval (a sound pipeline still
+        misses it about one run in twenty); the other metrics come from the held-out quantiles pooled.
+        """
+        aucs: list[float] = []
+        scores, labels, params = [], [], []
+        for _ in range(repeats):
+            shuffled = rng.permutation(self.y)
+            held, fold_aucs, chosen = self._cross_validate(method, shuffled, int(rng.integers(2**31 - 1)), fold_limit=1)
+            rows = ~np.isnan(held)
+            aucs += fold_aucs
+            scores.append(held[rows])
+            labels.append(shuffled[rows])
+            params += chosen
+        entry = _metrics(np.concatenate(labels), np.concatenate(scores))
+        entry["auc"], entry["auc_ci"] = _mean_interval(aucs)
+        data = "the data" if self.test_table is None else "the training split"
+        entry["evaluation"] = (
+            f"mean held-out-fold AUC of the same method and search on {repeats} independent label permutations of "
+            f"{data}, with a 95 % Student-t interval that must include 0.5"
+        )
+        entry.update(repeat_aucs=aucs, repeats=repeats, params=params, method=method.name)
+        entry["scores"], entry["labels"] = np.concatenate(scores), np.concatenate(labels)
+        return entry
 
 
 def run_blind_baselines(
@@ -198,6 +296,7 @@ def run_blind_baselines(
     methods: Sequence[str] | None = None,
     search: str | SearchSpace = "standard",
     sanity: bool = True,
+    sanity_repeats: int = SANITY_REPEATS,
     n_jobs: int = 1,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
@@ -206,21 +305,32 @@ def run_blind_baselines(
     ``ds`` has ``label``, ``input``, ``answer`` and at most one media column (``image``/``audio``/
     ``video``: paths or decoded values). Without ``test_ds``: stratified ``folds``-fold CV (rows
     sharing a ``sample_id`` stay together), hyper-parameters searched by an inner CV on each
-    training fold, metrics on the pooled out-of-fold scores. With ``test_ds``: fit on ``ds``, score
-    ``test_ds`` (so the baselines share the test split of the other attacks).
+    training fold, metrics on the out-of-fold scores pooled as within-fold quantiles (the pooling
+    rule: :mod:`fimmia_hf.shift.evaluation`). With ``test_ds``: fit on ``ds``, score ``test_ds``
+    (so the baselines share the test split of the other attacks).
 
     Each entry is :func:`fimmia_hf.metrics.membership_metrics` of the scores plus ``scores``
-    (np.ndarray, aligned with the scored rows, higher = member), ``params`` (the hyper-parameters
-    chosen, one string per fit) and ``fold_auc_mean`` / ``fold_auc_std`` in CV mode. The entry
-    ``"permuted_labels"`` reruns the primary method with shuffled labels (its ``method`` key says
-    which; in train/test mode the test labels are shuffled too); its AUC must be ~ 0.5, otherwise
-    the pipeline leaks. ``methods`` restricts the run to
-    those names; ``search`` is a :data:`SEARCH_PRESETS` name or a :class:`SearchSpace`.
+    (np.ndarray aligned with the scored rows, higher = member: within-fold quantiles in CV mode,
+    P(member) in train/test mode), ``params`` (the hyper-parameters chosen, one string per fit),
+    ``evaluation`` (one sentence: how the scores and metrics were obtained) and ``fold_auc_mean`` /
+    ``fold_auc_std`` in CV mode.
+
+    The entry ``"permuted_labels"`` is the sanity check: the primary method (its ``method`` key)
+    rerun on ``sanity_repeats`` independent label permutations (see :meth:`_Evaluation.permuted`).
+    Its ``auc`` is the mean over the repeats (``repeat_aucs``) and ``auc_ci`` a Student-t interval;
+    :func:`sanity_warning` speaks up when that interval excludes 0.5. Its ``scores`` are the
+    repeats' held-out scores (within-fold quantiles), one repeat after the other, with the
+    ``labels`` they were scored against (not aligned with the rows).
+
+    ``methods`` restricts the run to those names; ``search`` is a :data:`SEARCH_PRESETS` name or a
+    :class:`SearchSpace`.
     """
     from tqdm.auto import tqdm
 
     if not 0.0 < fpr_budget < 1.0:
         raise ValueError(f"fpr_budget must lie in (0, 1), got {fpr_budget}")
+    if sanity and sanity_repeats < 2:
+        raise ValueError(f"sanity_repeats must be at least 2 (an interval needs two repeats), got {sanity_repeats}")
     space = SEARCH_PRESETS[search] if isinstance(search, str) else search
     modality = _modality(ds, modality)
     if test_ds is not None:
@@ -236,21 +346,26 @@ def run_blind_baselines(
             raise ValueError(f"unknown blind method(s) {unknown} for modality {modality!r}; available: {sorted(known)}")
         available = [m for m in available if m.name in methods]
 
-    table = build_table(ds, modality, progress=progress)
-    test_table = build_table(test_ds, modality, progress=progress) if test_ds is not None else None
-    groups = _groups(ds)
+    evaluation = _Evaluation(
+        table=build_table(ds, modality, progress=progress),
+        y=y,
+        test_table=build_table(test_ds, modality, progress=progress) if test_ds is not None else None,
+        y_test=y_test,
+        space=space,
+        folds=folds,
+        seed=seed,
+        groups=_groups(ds),
+        n_jobs=n_jobs,
+    )
     rng = np.random.default_rng(seed)
-
-    runs = [(m, False) for m in available]
+    runs = [(m.name, m, evaluation.baseline) for m in available]
     if sanity and available:
-        runs.append((available[0], True))
+        runs.append((PERMUTED, available[0], lambda m: evaluation.permuted(m, rng, sanity_repeats)))
     results: dict[str, dict[str, Any]] = {}
     with threadpool_limits(limits=1, user_api="blas"):  # small matrices: BLAS threads only contend
-        for method, permuted in tqdm(runs, desc="blind baselines", disable=not progress, leave=False):
+        for name, method, run in tqdm(runs, desc="blind baselines", disable=not progress, leave=False):
             try:
-                results.update(
-                    _run_one(method, permuted, rng, y, y_test, table, test_table, space, folds, seed, groups, n_jobs)
-                )
+                results[name] = run(method)
             except ValueError as err:
                 if "empty vocabulary" not in str(err):
                     raise
@@ -258,44 +373,26 @@ def run_blind_baselines(
     return results
 
 
-def _run_one(
-    method: BlindMethod,
-    permuted: bool,
-    rng: np.random.Generator,
-    y: np.ndarray,
-    y_test: np.ndarray | None,
-    table: BlindTable,
-    test_table: BlindTable | None,
-    space: SearchSpace,
-    folds: int,
-    seed: int,
-    groups: list[Any] | None,
-    n_jobs: int,
-) -> dict[str, dict[str, Any]]:
-    """One baseline (or the permuted-label rerun of one) -> {name: metrics + scores}."""
-    labels = rng.permutation(y) if permuted else y
-    extra: dict[str, Any] = {}
-    if test_table is None:
-        scores, fold_aucs, params = cross_validate(
-            method, method.inputs(table), labels, space=space, folds=folds, seed=seed, groups=groups, n_jobs=n_jobs
-        )
-        eval_labels = labels
-        extra["fold_auc_mean"] = float(np.mean(fold_aucs)) if fold_aucs else math.nan
-        extra["fold_auc_std"] = float(np.std(fold_aucs)) if fold_aucs else math.nan
-        extra["params"] = params
-    else:
-        scores, params = fit_and_score(
-            method, method.inputs(table), labels, method.inputs(test_table), space=space, seed=seed, n_jobs=n_jobs
-        )
-        # the permuted run shuffles the test labels too: any AUC away from 0.5 is then a leak
-        eval_labels = rng.permutation(y_test) if permuted else y_test
-        extra["params"] = [params]
-    entry = _metrics(eval_labels, scores)
-    entry.update(extra)
-    entry["scores"] = scores
-    if permuted:
-        entry["method"] = method.name
-    return {PERMUTED if permuted else method.name: entry}
+def sanity_warning(entry: Mapping[str, Any] | None) -> str | None:
+    """The warning for a permuted-label check whose interval excludes 0.5; None when it passed or did not run."""
+    if entry is None:
+        return None
+    low, high = entry["auc_ci"]
+    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0.5 <= high:
+        return None
+    return (
+        f"PERMUTED-LABEL CHECK FAILED: with shuffled labels {entry['method']} reaches AUC {entry['auc']:.3f} "
+        f"[{low:.3f}, {high:.3f}] over {entry.get('repeats', 1)} permutation(s), an interval that excludes 0.5: "
+        "the blind baselines may be overfitting; do not trust their AUCs."
+    )
+
+
+def describe_evaluation(results: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """One sentence on how the blind baselines and their permuted-label check were scored (the pooling rule)."""
+    baseline = next((e["evaluation"] for n, e in results.items() if n != PERMUTED and "evaluation" in e), None)
+    check = results.get(PERMUTED, {}).get("evaluation")
+    parts = [f"Blind baselines: {baseline}." if baseline else "", f"Permuted-label check: {check}." if check else ""]
+    return " ".join(p for p in parts if p) or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +410,11 @@ def add_shift_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--fpr-budget", type=float, default=0.01, help="FPR budget of the greedy n-gram rules")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the baselines")
     parser.add_argument("--search", choices=tuple(SEARCH_PRESETS), default="standard", help="hyper-parameter grid size")
-    parser.add_argument("--no-sanity", action="store_true", help="skip the permuted-label run")
+    parser.add_argument("--no-sanity", action="store_true", help="skip the permuted-label check")
+    parser.add_argument(
+        "--sanity-repeats", type=int, default=SANITY_REPEATS,
+        help=f"label permutations in the permuted-label check (default {SANITY_REPEATS}; at least 2)",
+    )
     parser.add_argument("--out", default=None, help="write the results (metrics and scores) to this JSON file")
     return parser
 
@@ -335,15 +436,22 @@ def run_shift(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         methods=methods,
         search=args.search,
         sanity=not args.no_sanity,
+        sanity_repeats=args.sanity_repeats,
     )
-    print(f"{'method':<28} {'AUC':>7} {'TPR@1%FPR':>10}")
+    print(f"{'method':<32} {'AUC [95% CI]':>22} {'TPR@1%FPR':>10}")
     for name, entry in results.items():
         label = f"{name} ({entry['method']})" if "method" in entry else name
-        print(f"{label:<28} {entry.get('auc', math.nan):>7.3f} {entry.get('tpr@1%fpr', math.nan):>10.3f}")
+        low, high = entry["auc_ci"]
+        auc = f"{entry['auc']:.3f} [{low:.3f}, {high:.3f}]"
+        print(f"{label:<32} {auc:>22} {entry.get('tpr@1%fpr', math.nan):>10.3f}")
+    print(describe_evaluation(results) or "")
     worst = max((e.get("auc", 0.0) for n, e in results.items() if n != PERMUTED), default=0.0)
     if worst >= 0.6:
         print(f"warning: a blind baseline reaches AUC {worst:.3f} >= 0.6; members and non-members differ in "
               "distribution, so membership claims on this split are not supported")
+    failed = sanity_warning(results.get(PERMUTED))
+    if failed:
+        print(f"warning: {failed}")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
