@@ -145,12 +145,17 @@ class TextEmbedder(Stage):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
+        from ..modeling_fimmia import refuse_pickled_weights
+
         device = resolve_device(self.device)
         if isinstance(self.model, (str, os.PathLike)):
             source = self.model
             layout = read_sentence_transformers(source, self.revision)
             sub = {"subfolder": layout.transformer_path} if layout and layout.transformer_path else {}
-            model = AutoModel.from_pretrained(str(source), revision=self.revision, dtype=self.resolved_dtype, **sub)
+            refuse_pickled_weights(source, sub.get("subfolder", ""))
+            model = AutoModel.from_pretrained(
+                str(source), revision=self.revision, dtype=self.resolved_dtype, use_safetensors=True, **sub
+            )
             tokenizer = self.tokenizer or AutoTokenizer.from_pretrained(str(source), revision=self.revision, **sub)
         else:
             model, source = self.model, getattr(self.model, "name_or_path", None)
