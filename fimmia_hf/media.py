@@ -37,7 +37,10 @@ def _source(value: Any) -> Any:
 
 
 def load_image(value: Any) -> PIL.Image.Image:  # noqa: F821
-    """An RGB PIL image from a path, bytes, PIL image, array or datasets Image value."""
+    """An RGB PIL image from a path, bytes, PIL image, array or datasets Image value.
+
+    16-bit grayscale (PNG mode ``I;16``/``I``, uint16 arrays) is scaled from 0-65535 to 0-255, not clamped.
+    """
     from PIL import Image
 
     value = _source(value)
@@ -53,6 +56,8 @@ def load_image(value: Any) -> PIL.Image.Image:  # noqa: F821
         else:
             raise MediaError(f"cannot read an image from a {type(value).__name__}")
         image.load()
+        if image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit: scale to 8 bits (convert() would clamp)
+            image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
         return image.convert("RGB")
     except MediaError:
         raise

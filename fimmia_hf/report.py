@@ -18,6 +18,7 @@ import datasets
 import numpy as np
 
 from . import attacks, shift
+from .data import SampleError, labels_of
 from .metrics import json_safe, membership_metrics, plot_roc
 
 SHIFT_WARNING_AUC = 0.6
@@ -62,7 +63,9 @@ def build_report(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = np.asarray(test["label"])
+    if "label" not in test.column_names:
+        raise SampleError("the test split needs a 'label' column (1 = member, 0 = non-member) to be evaluated")
+    labels = np.asarray(labels_of(test["label"], "test split"), dtype=np.int64)
     groups = test["ds_name"] if "ds_name" in test.column_names else None
 
     def metrics(scores: np.ndarray) -> dict[str, Any]:
