@@ -425,12 +425,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _apply_config_file(args: argparse.Namespace, fields: list[dataclasses.Field]) -> None:
     """Fill options left at their default from the YAML `--config` file, like `trl.TrlParser` does."""
-    import yaml
+    from .training import read_config_file
 
-    with open(args.config, encoding="utf-8") as handle:
-        values = yaml.safe_load(handle) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{args.config}: expected a mapping of option names to values")
+    values = read_config_file(args.config)
     by_name = {f.name: f for f in fields}
     for key, value in values.items():
         name = "epochs" if key.replace("-", "_") == "num_train_epochs" else key.replace("-", "_")

@@ -567,17 +567,28 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, helps: d
         parser.add_argument(flag, dest=field.name, type=parse, default=None, help=text)
 
 
-def resolve_arguments(cls: type, args: argparse.Namespace) -> Any:
-    """Dataclass defaults, overridden by the YAML file, overridden by flags given on the command line."""
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping of option names to values in a YAML `--config` file; bad YAML names its line and column."""
     import yaml
 
+    try:
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML: {where}{getattr(err, 'problem', None) or err}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values, got a {type(loaded).__name__}")
+    return loaded
+
+
+def resolve_arguments(cls: type, args: argparse.Namespace) -> Any:
+    """Dataclass defaults, overridden by the YAML file, overridden by flags given on the command line."""
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        with open(args.config, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config}: expected a mapping of argument names to values")
+        loaded = read_config_file(args.config)
         unknown = sorted(set(loaded) - names)
         if unknown:
             raise ValueError(f"{args.config}: unknown keys {unknown}; allowed: {sorted(names)}")

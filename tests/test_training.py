@@ -295,3 +295,17 @@ def test_cli_train_uses_the_users_accelerate_config(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     card = FiMMIAForMembershipInference.from_pretrained(tmp_path / "out").config.card_data
     assert card["training_args"]["world_size"] == 2
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "audit", "finetune"])
+def test_bad_yaml_config_names_its_line(command: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Bad YAML in --config is one line naming the file, line and column, not a parser traceback."""
+    from fimmia_hf.cli import main
+
+    config = tmp_path / "bad.yaml"
+    config.write_text("epochs: 3\nlr: [1, 2\nbad: x\n")
+    assert main([command, "--config", str(config)]) == 2
+    assert f"{config}: not valid YAML: line 3, column 4: expected ',' or ']'" in capsys.readouterr().err
+    config.write_text("- a\n- b\n")
+    assert main([command, "--config", str(config)]) == 2
+    assert "expected a mapping of option names to values, got a list" in capsys.readouterr().err
