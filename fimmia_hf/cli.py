@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = getattr(module, f"run_{args.command}")(args)
         return result if isinstance(result, int) else 0
-    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
+    except (ValueError, OSError) as err:  # bad input, an unreadable file, an unwritable --out: one line, no traceback
         print(f"fimmia-hf {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -367,16 +367,19 @@ def save_dataset(ds: datasets.Dataset, out: str | os.PathLike, *, inputs: Iterab
     for source in inputs:
         if Path(source).resolve() == out.resolve():
             raise ValueError(f"refusing to overwrite the input {source}; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
     suffix = out.suffix.lower()
-    if suffix == ".parquet":
-        ds.to_parquet(str(out))
-    elif suffix == ".csv":
-        ds.to_csv(str(out), index=False)
-    elif suffix == ".jsonl":
-        ds.to_json(str(out), lines=True, force_ascii=False)
-    else:
-        ds.save_to_disk(str(out))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".parquet":
+            ds.to_parquet(str(out))
+        elif suffix == ".csv":
+            ds.to_csv(str(out), index=False)
+        elif suffix == ".jsonl":
+            ds.to_json(str(out), lines=True, force_ascii=False)
+        else:
+            ds.save_to_disk(str(out))
+    except OSError as err:  # a read-only folder, a file where a folder should be, a full disk
+        raise OSError(f"cannot write {out} ({err}); choose another --out (stage results stay cached)") from err
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,11 @@ MEDIA_PLACEHOLDERS = {m: f"<{m}>" for m in MEDIA_COLUMNS}
 
 class MediaError(ValueError):
     """A media item is missing or cannot be decoded."""
+
+
+def _reason(err: Exception) -> str:
+    """A decoder's message without torchcodec's C++ source location ("SingleStreamDecoder, ….cpp:41, ")."""
+    return re.sub(r"^\w+, \S+\.cpp:\d+, ", "", str(err))
 
 
 def _describe(value: Any) -> str:
@@ -103,7 +109,7 @@ def load_audio(value: Any, sampling_rate: int | None = 16000) -> tuple[np.ndarra
     except MediaError:
         raise
     except Exception as err:
-        raise MediaError(f"cannot decode audio {_describe(value)}: {err}") from err
+        raise MediaError(f"cannot decode audio {_describe(value)}: {_reason(err)}") from err
     wave = wave.astype(np.float32)
     if wave.ndim == 2:  # (channels, time) from decoders; (time, channels) from soundfile-style arrays
         wave = wave.mean(axis=0 if wave.shape[0] <= wave.shape[1] else 1)
@@ -148,7 +154,7 @@ def load_video(value: Any, num_frames: int | None = 8, fps: float | None = None)
     except MediaError:
         raise
     except Exception as err:
-        raise MediaError(f"cannot decode video {_describe(value)}: {err}") from err
+        raise MediaError(f"cannot decode video {_describe(value)}: {_reason(err)}") from err
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[0] == 0:
         raise MediaError(f"video {_describe(value)} has no frames")

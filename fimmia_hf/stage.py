@@ -315,7 +315,11 @@ class Stage:
                             "stage's model_batch_size")
         self.check(ds)
         context = self.context(ds, cache_dir)
-        context.folder.mkdir(parents=True, exist_ok=True)
+        try:  # before any computing: a read-only cache fails now, not after the first chunk
+            context.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"cannot write the stage cache {context.folder} ({err}); pass cache_dir= or set "
+                          "FIMMIA_HF_CACHE to a writable folder") from err
         size = chunk_size or self.chunk_size
         ranges = [(start, min(start + size, len(ds))) for start in range(0, len(ds), size)] or [(0, 0)]
         options = {"batched": True, "batch_size": map_batch_size or self.map_batch_size, "with_indices": True,

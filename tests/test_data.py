@@ -267,3 +267,13 @@ def test_evaluate_reads_csv_labels(tmp_path: Path, capsys: pytest.CaptureFixture
     assert cli_main(["evaluate", "--test", str(path), "--out", str(tmp_path / "report"), "--n-bootstrap", "10"]) == 0
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["n_members"] == 8 and report["n_nonmembers"] == 8
+
+
+def test_unwritable_out_is_one_line_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An --out the user cannot write (here under a file; a read-only folder alike) ends in one error line."""
+    path = tmp_path / "samples.csv"
+    pd.DataFrame(_rows(3)).to_csv(path, index=False)
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "out.parquet"
+    assert cli_main(["neighbors", "--data", str(path), "--out", str(out), "--ops", "delete", "--num-neighbors", "2"]) == 2
+    assert f"fimmia-hf neighbors: error: cannot write {out} ([Errno 17] File exists: '{out.parent}'); choose another --out" in capsys.readouterr().err
