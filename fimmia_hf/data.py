@@ -358,6 +358,17 @@ def split_samples(
     return ds.select(train_rows), ds.select(test_rows)
 
 
+def check_writable(out: str | os.PathLike) -> None:
+    """Fail before the work, not after it, when an output file cannot be written (read-only folder, a file in the way)."""
+    folder = Path(out).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot write {out} ({err}); choose another --out") from err
+    if not os.access(folder, os.W_OK):
+        raise OSError(f"cannot write {out}: {folder} is not writable (read-only?); choose another --out")
+
+
 def save_dataset(ds: datasets.Dataset, out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Write `ds` to `out` (a `save_to_disk` folder, or `.parquet` / `.csv` / `.jsonl` by suffix).
 
