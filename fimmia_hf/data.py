@@ -8,6 +8,7 @@ and the user's files are only ever read.
 
 from __future__ import annotations
 
+import codecs
 import copy
 import hashlib
 import io
@@ -63,7 +64,7 @@ def read_table(path: str | os.PathLike) -> datasets.Dataset:
         if suffix == ".parquet":  # typed already: read as it is (feature columns stay list<float32>)
             return datasets.Dataset.from_parquet(str(path))
         if suffix in _TABLE_SUFFIXES:  # strings throughout: answer "1" stays "1", "" stays ""
-            frame = pd.read_csv(path, sep=_TABLE_SUFFIXES[suffix], dtype=str, keep_default_na=False)
+            frame = pd.read_csv(io.StringIO(_read_text(path)), sep=_TABLE_SUFFIXES[suffix], dtype=str, keep_default_na=False)
         elif suffix in (".json", ".jsonl"):
             frame = _read_json(path, lines=suffix == ".jsonl")
         else:
@@ -79,11 +80,22 @@ def read_table(path: str | os.PathLike) -> datasets.Dataset:
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
 
 
+def _read_text(path: Path) -> str:
+    """A table file as UTF-8 text (a BOM dropped); a byte that is not UTF-8 names its line, not a buffer position."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise SampleError(f"{path}: line {line}: not UTF-8 text (byte {data[err.start]:#04x}: {err.reason}); "
+                          "save the file as UTF-8") from None
+
+
 def _read_json(path: Path, *, lines: bool) -> Any:
     """A JSON (records or columns) or JSON Lines file as a DataFrame; a syntax error names its line."""
     import pandas as pd
 
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         if not lines:
             json.loads(text)  # only for the error: pandas reports a character position, json the line

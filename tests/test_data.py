@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from pathlib import Path
@@ -277,3 +278,13 @@ def test_unwritable_out_is_one_line_not_a_traceback(tmp_path: Path, capsys: pyte
     out = tmp_path / "a_file" / "out.parquet"
     assert cli_main(["neighbors", "--data", str(path), "--out", str(out), "--ops", "delete", "--num-neighbors", "2"]) == 2
     assert f"fimmia-hf neighbors: error: cannot write {out} ([Errno 17] File exists: '{out.parent}'); choose another --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_bytes_that_are_not_utf8_name_their_line(tmp_path: Path, suffix: str) -> None:
+    rows = [json.dumps(r, ensure_ascii=False).encode() for r in _rows(3)] if suffix == ".jsonl" else [b"input,answer", b"q1,A", b"q2,B"]
+    rows[2] = rows[2].replace(b"2", b"\xff2", 1)
+    path = tmp_path / f"latin{suffix}"
+    path.write_bytes(codecs.BOM_UTF8 + b"\n".join(rows))
+    with pytest.raises(SampleError, match=rf"latin\{suffix}: line 3: not UTF-8 text \(byte 0xff: invalid start byte\)"):
+        load_samples(path)
