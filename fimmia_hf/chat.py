@@ -238,7 +238,7 @@ class ChatEncoder:
         """Encode, cutting the user text from the left until the conversation fits `max_length`."""
         original, text = text, self._cut_characters(text, modality)
         encoding, tok_ids = self._encode_one(text, answer, media, modality)
-        if self.max_length is None or len(encoding.input_ids) <= self.max_length and text == original:
+        if self.max_length is None or (len(encoding.input_ids) <= self.max_length and text == original):
             return encoding, tok_ids, text
         for _ in range(4):
             overflow = len(encoding.input_ids) - self.max_length
