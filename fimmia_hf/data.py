@@ -20,8 +20,9 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 
-from .columns import ANSWER, DS_NAME, INPUT, LABEL, MEDIA_COLUMNS, SAMPLE_ID
+from .columns import ANSWER, DS_NAME, INPUT, LABEL, LIST_COLUMNS, MEDIA_COLUMNS, SAMPLE_ID
 from .media import MediaError, load_media
 from .stage import default_cache_dir, discard_if_damaged
 
@@ -73,6 +74,10 @@ def read_table(path: str | os.PathLike) -> datasets.Dataset:
         raise
     except Exception as err:
         raise SampleError(f"{path}: cannot read the table: {err}") from err
+    lists = [c for c in frame.columns if c in LIST_COLUMNS or c.startswith(("token_", "neighbor_token_"))]
+    if suffix in _TABLE_SUFFIXES and lists:
+        raise SampleError(f"{path}: the list columns {', '.join(lists)} were written to CSV as text and cannot be "
+                          "read back; write stage outputs as .parquet, .jsonl or a folder")
     for column in _TEXT_COLUMNS & set(frame.columns):  # JSON may hold numbers or mixed types here
         frame[column] = text_values(frame[column].tolist(), str(path), column)
     if LABEL in frame.columns:  # CSV cells are text: "1" is the label 1
@@ -384,13 +389,18 @@ def check_writable(out: str | os.PathLike) -> None:
 def save_dataset(ds: datasets.Dataset, out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Write `ds` to `out` (a `save_to_disk` folder, or `.parquet` / `.csv` / `.jsonl` by suffix).
 
-    Refuses to overwrite any of `inputs`, so a stage never replaces the data it read.
+    Refuses to overwrite any of `inputs`, so a stage never replaces the data it read, and CSV for
+    tables with list columns (neighbours, embeddings, losses), which CSV would store as unreadable text.
     """
     out = Path(out)
     for source in inputs:
         if Path(source).resolve() == out.resolve():
             raise ValueError(f"refusing to overwrite the input {source}; choose another --out")
     suffix = out.suffix.lower()
+    lists = [field.name for field in ds.data.schema if pa.types.is_list(field.type) or pa.types.is_large_list(field.type)]
+    if suffix == ".csv" and lists:
+        raise SampleError(f"{out}: CSV cannot hold the list columns {', '.join(lists)} (they would read back as "
+                          "text); write .parquet, .jsonl or a folder (stage results stay cached)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if suffix == ".parquet":

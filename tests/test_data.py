@@ -288,3 +288,20 @@ def test_bytes_that_are_not_utf8_name_their_line(tmp_path: Path, suffix: str) ->
     path.write_bytes(codecs.BOM_UTF8 + b"\n".join(rows))
     with pytest.raises(SampleError, match=rf"latin\{suffix}: line 3: not UTF-8 text \(byte 0xff: invalid start byte\)"):
         load_samples(path)
+
+
+def test_stage_outputs_never_go_to_csv(tmp_path: Path) -> None:
+    """List columns written to CSV read back as "[1.17 1.06]" text (predict then failed: "could not convert
+    string to float: '['"): writing them is refused, and such a CSV made elsewhere is named on reading."""
+    from fimmia_hf.data import save_dataset
+    from fimmia_hf.testing import synthetic_features
+
+    ds = synthetic_features(3, k=2, dim=4)
+    with pytest.raises(SampleError, match=r"feat\.csv: CSV cannot hold the list columns neighbor_losses, embedding, "
+                                          r"neighbor_embeddings .*write \.parquet"):
+        save_dataset(ds, tmp_path / "feat.csv")
+    assert not (tmp_path / "feat.csv").exists()
+    ds.to_pandas().to_csv(tmp_path / "elsewhere.csv", index=False)
+    with pytest.raises(SampleError, match=r"elsewhere\.csv: the list columns neighbor_losses, embedding, neighbor_embeddings"):
+        read_table(tmp_path / "elsewhere.csv")
+    assert read_table(save_dataset(ds, tmp_path / "feat.parquet"))["neighbor_losses"] == ds["neighbor_losses"]
