@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from .configuration_fimmia import PickledWeightsError
+
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("data", "check a sample table (columns, labels, media) and print a summary"),
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = getattr(module, f"run_{args.command}")(args)
         return result if isinstance(result, int) else 0
-    except (ValueError, OSError) as err:  # bad input, an unreadable file, an unwritable --out: one line, no traceback
+    except (ValueError, OSError, PickledWeightsError) as err:  # bad input, unreadable or unwritable files: one line
         print(f"fimmia-hf {args.command}: error: {err}", file=sys.stderr)
         return 2
 

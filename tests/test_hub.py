@@ -240,7 +240,7 @@ def test_card_reports_the_calibrated_thresholds_and_the_combined_statistics() ->
 
 def test_load_detector_refuses_a_hub_repo_of_pickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Hub repo holding only `pytorch_model.bin` is refused after the download, before the pickle is read."""
-    from fimmia_hf.modeling_fimmia import PickledWeightsError
+    from fimmia_hf.configuration_fimmia import PickledWeightsError
 
     api = FakeHfApi(tmp_path)
     repo = api._folder("org/pickled", "model")

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fimmia_hf.modeling_fimmia import FiMMIAConfig, FiMMIAForMembershipInference, PickledWeightsError
+from fimmia_hf.configuration_fimmia import PickledWeightsError
+from fimmia_hf.modeling_fimmia import FiMMIAConfig, FiMMIAForMembershipInference
 
 
 def _pickle_weights(folder: Path, name: str = "model.safetensors", pickled: str = "pytorch_model.bin") -> Path:
@@ -130,3 +131,13 @@ def test_safetensors_beside_pickles_loads(tmp_path: Path, no_unpickling: None) -
     torch.save({"junk": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
     loaded = FiMMIAForMembershipInference.from_pretrained(tmp_path)
     assert torch.equal(loaded.attack_encoding[-1].weight, model.attack_encoding[-1].weight)
+
+
+def test_cli_refusal_is_one_line(pickled_detector: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from fimmia_hf.cli import main
+    from fimmia_hf.testing import synthetic_features
+
+    synthetic_features(4, k=2, dim=4).to_parquet(tmp_path / "scored.parquet")
+    assert main(["predict", "--model", str(pickled_detector), "--data", str(tmp_path / "scored.parquet"),
+                 "--output", str(tmp_path / "pred.parquet")]) == 2
+    assert f"fimmia-hf predict: error: {pickled_detector}: the weights are pickles" in capsys.readouterr().err

@@ -64,7 +64,7 @@ def benchmark(
 
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from ..modeling_fimmia import refuse_pickled_weights
+    from ..configuration_fimmia import refuse_pickled_weights
 
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:

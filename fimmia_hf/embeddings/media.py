@@ -234,7 +234,7 @@ class ModalityEmbedder(Stage):
     def load_model(self) -> LoadedMediaModel:
         from transformers import AutoModel, AutoProcessor
 
-        from ..modeling_fimmia import refuse_pickled_weights
+        from ..configuration_fimmia import refuse_pickled_weights
 
         if isinstance(self.model, (str, os.PathLike)):
             refuse_pickled_weights(self.model)

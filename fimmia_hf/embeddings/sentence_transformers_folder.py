@@ -104,7 +104,7 @@ def load_dense(model: str | os.PathLike, path: str, revision: str | None) -> tor
     import torch
     from safetensors.torch import load_file
 
-    from ..modeling_fimmia import refuse_pickled_weights
+    from ..configuration_fimmia import refuse_pickled_weights
 
     refuse_pickled_weights(model, path)
     config_file = model_file(model, f"{path}/config.json", revision)

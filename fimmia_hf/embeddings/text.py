@@ -146,7 +146,7 @@ class TextEmbedder(Stage):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        from ..modeling_fimmia import refuse_pickled_weights
+        from ..configuration_fimmia import refuse_pickled_weights
 
         device = resolve_device(self.device)
         if isinstance(self.model, (str, os.PathLike)):

@@ -39,7 +39,7 @@ def load_infiller(
     must be masked LMs. `style` "auto" is FRED-T5's when the model id says so, else T5's."""
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from ..modeling_fimmia import refuse_pickled_weights
+    from ..configuration_fimmia import refuse_pickled_weights
 
     name = str(model) if isinstance(model, (str, os.PathLike)) else str(getattr(model, "name_or_path", ""))
     if isinstance(model, (str, os.PathLike)):

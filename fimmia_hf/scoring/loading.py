@@ -14,7 +14,7 @@ def _load_base(path: str, *, revision: str | None, dtype: Any, device_map: Any) 
     """Load a model with the first Auto class whose mapping knows its config."""
     import transformers
 
-    from ..modeling_fimmia import refuse_pickled_weights
+    from ..configuration_fimmia import refuse_pickled_weights
 
     refuse_pickled_weights(path)
     config = transformers.AutoConfig.from_pretrained(path, revision=revision)
@@ -40,7 +40,7 @@ def load_target(
     if adapter_config.is_file():
         from peft import PeftModel
 
-        from ..modeling_fimmia import refuse_pickled_weights
+        from ..configuration_fimmia import refuse_pickled_weights
 
         refuse_pickled_weights(path)
         base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
