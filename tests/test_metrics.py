@@ -179,9 +179,12 @@ def test_groups() -> None:
         membership_metrics(y, s, groups=g[:-1])
 
 
-def test_result_is_json_serialisable() -> None:
+def test_result_survives_a_json_round_trip() -> None:
+    """Reports store the metrics as JSON: what is read back must equal what was computed."""
     m = membership_metrics([0, 1, 0, 1], [0.1, 0.9, 0.3, 0.6], groups=["x", "x", "y", "y"], n_bootstrap=10)
-    json.dumps(m)
+    back = json.loads(json.dumps(m))
+    assert back["auc"] == m["auc"] == 1.0 and back["groups"]["y"]["auc"] == m["groups"]["y"]["auc"]
+    assert back["auc_ci"] == list(m["auc_ci"]) and back["n_members"] == 2
 
 
 @pytest.mark.parametrize("log", [True, False, "both"])
@@ -203,3 +206,43 @@ def test_evaluate_module_offline() -> None:
     s = (rng.normal(size=100) + np.array(y)).tolist()
     got = metric.compute(prediction_scores=s, references=y, n_bootstrap=50, groups=["a", "b"] * 50)
     assert got == membership_metrics(y, s, n_bootstrap=50, groups=["a", "b"] * 50)
+
+
+# -- issue 20: the confidence level asked for is the one returned ------------------------------------
+
+
+@pytest.mark.parametrize("confidence", [0.95, 0.9, 0.5])
+def test_interval_is_the_bootstrap_quantiles_at_the_confidence_asked(confidence: float) -> None:
+    from fimmia_hf import metrics as M
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 120)
+    s = rng.normal(size=120) + y
+    m = membership_metrics(y, s, n_bootstrap=300, seed=5, confidence=confidence)
+    _, pos_level, neg_level, _ = M._levels(y, s)
+    boot = M._bootstrap(pos_level, neg_level, np.unique(s).size, (0.001, 0.01, 0.05), 300, np.random.default_rng(5))
+    alpha = (1 - confidence) / 2
+    for key in KEYS:
+        assert m[f"{key}_ci"] == pytest.approx(tuple(np.quantile(boot[key], [alpha, 1 - alpha])), abs=1e-12), key
+
+
+def test_interval_has_the_coverage_of_a_known_distribution() -> None:
+    """One member above half of 100 distinct non-members: each resampled AUC is Binomial(100, 1/2) / 100
+    exactly (the member is in every stratified resample), so the 95 % interval is that distribution's
+    2.5 % and 97.5 % quantiles, (0.40, 0.60); a 90 % one would be (0.42, 0.58)."""
+    from scipy.stats import binom
+
+    scores = np.r_[49.5, np.arange(100.0)]
+    labels = np.r_[1, np.zeros(100, dtype=int)]
+    for confidence in (0.95, 0.9):
+        alpha = (1 - confidence) / 2
+        expected = tuple(binom.ppf([alpha, 1 - alpha], 100, 0.5) / 100)
+        got = membership_metrics(labels, scores, n_bootstrap=20_000, confidence=confidence)["auc_ci"]
+        assert got == pytest.approx(expected, abs=1e-9), confidence
+    assert expected == (0.42, 0.58)
+
+
+@pytest.mark.parametrize("confidence", [0.0, 1.0, 1.5, -0.1])
+def test_confidence_outside_zero_one_is_refused(confidence: float) -> None:
+    with pytest.raises(ValueError, match="confidence must be in"):
+        membership_metrics([0, 1, 0, 1], [0.1, 0.9, 0.3, 0.6], n_bootstrap=10, confidence=confidence)
