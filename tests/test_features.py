@@ -238,3 +238,21 @@ def test_collator_adds_statistics_for_the_combined_head() -> None:
     batch = collate(list(ds))
     assert batch["sample_statistics"].shape == (4, 2)
     np.testing.assert_allclose(batch["sample_statistics"][:, 0].numpy(), -np.asarray(ds["loss"]), rtol=1e-6)
+
+
+# -- issue 20: rows that already hold the features ---------------------------------------------------
+
+
+def test_precomputed_rows_mask_nan_features_even_under_a_full_mask() -> None:
+    """A feature table written elsewhere (or by an older version) may hold NaN under `neighbor_mask` True:
+    those neighbours are masked and zeroed, so one NaN never turns the sample's score into NaN."""
+    row = {"sample_id": "pre", "loss_delta": [0.5, float("nan"), 1.0, 2.0],
+           "embedding_delta": [[0.0, 1.0], [1.0, 1.0], [float("nan"), 0.0], [2.0, 2.0]],
+           "neighbor_mask": [True, True, True, False]}
+    f = sample_features(row)
+    assert f["neighbor_mask"].tolist() == [True, False, False, False]
+    np.testing.assert_array_equal(f["loss_delta"], [0.5, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(f["embedding_delta"], [[0.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    batch = FiMMIADataCollator(embedding_dim=2)([row, {**row, "sample_id": "again"}])
+    assert batch["neighbor_mask"].tolist() == [[True, False, False, False]] * 2
+    assert batch["loss_delta"].isfinite().all() and batch["embedding_delta"].isfinite().all()
