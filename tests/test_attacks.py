@@ -131,7 +131,7 @@ def test_misaligned_token_columns_name_the_row():
         "token_mean_logprob": [[-1.0, -0.5], [-2.0]],
         "token_std_logprob": [[1.0, 1.0], [1.0, 1.0]],
     }
-    with pytest.raises(ValueError, match=r"row 1: .*token_mean_logprob"):
+    with pytest.raises(ValueError, match=r"row 2: .*token_mean_logprob"):  # numbered from 1, as load_samples does
         attacks.score_all(rows)
 
 
@@ -145,3 +145,4 @@ def test_dataset_and_dataframe_give_the_same_scores():
     for name, s in from_dict.items():
         np.testing.assert_allclose(from_ds[name], s)
         np.testing.assert_allclose(from_df[name], s)
+
