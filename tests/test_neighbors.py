@@ -266,3 +266,17 @@ def test_distinct_samples_get_distinct_edit_positions_and_equal_ones_the_same(tm
     assert len(set(draws)) == 6  # every sample its own positions
     reordered = generator.apply(rows.select([5, 0]), cache_dir=tmp_path)
     assert reordered["neighbors"] == [out[5]["neighbors"], out[0]["neighbors"]]
+
+
+def test_samples_sharing_an_image_get_their_own_perturbations(synthetic_table, tmp_path):
+    """Two questions about one picture are two samples: each gets its own seeded media perturbations."""
+    from fimmia_hf import load_samples
+    from fimmia_hf.stage import file_hash
+
+    image = load_samples(synthetic_table("image", 2))[0]["image"]
+    rows = load_samples(datasets.Dataset.from_dict({
+        "input": [f"Which shape is drawn here, {who}? <image>" for who in ("Ann", "Bob")],
+        "answer": ["A", "A"], "image": [image, image]}))
+    out = NeighborGenerator(ops=("delete", "swap"), num_neighbors=2, media_perturbation=True).apply(rows, cache_dir=tmp_path)
+    first, second = ([file_hash(p) for p in row["media_neighbors"]] for row in out)
+    assert len(first) == len(second) == 2 and not set(first) & set(second)
