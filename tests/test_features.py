@@ -292,3 +292,13 @@ def test_missing_inputs_says_what_each_head_lacks() -> None:
                             sample_statistics_mean=[0.0, 0.0], sample_statistics_std=[1.0, 1.0])
     assert missing_inputs(combined, scored) == ["the columns of the sample statistics ['min_k_20']"]
     assert missing_inputs(combined, [*scored, "token_logprobs"]) == []
+
+
+def test_precomputed_media_deltas_pass_through_and_dimensions_are_checked() -> None:
+    row = {"sample_id": "pre", "loss_delta": [0.5], "embedding_delta": [[1.0, 2.0]], "media_delta": [[3.0, 4.0, 5.0]],
+           "neighbor_mask": [True]}
+    f = sample_features(row, use_media=True, embedding_dim=2, media_embedding_dim=3)
+    np.testing.assert_array_equal(f["media_delta"], [[3.0, 4.0, 5.0]])
+    for media_delta in (row["media_delta"], np.array(row["media_delta"])):  # lists, or arrays as `with_format("numpy")`
+        with pytest.raises(ValueError, match="sample_id='pre'.*media_delta.*expected 4"):  # one neighbour is enough
+            sample_features({**row, "media_delta": media_delta}, use_media=True, embedding_dim=2, media_embedding_dim=4)
