@@ -175,7 +175,10 @@ class MembershipInferencePipeline(Pipeline):
             return self._stages[role]
         spec = self.components[role]
         kwargs = dict(self.stage_kwargs[role])
-        if isinstance(spec, (str, os.PathLike)):  # the stage loads it: on the pipeline's device
+        if isinstance(spec, (str, os.PathLike)):  # the stage loads it: on the pipeline's device, at its revision
+            spec, revision = _fimmia("configuration_fimmia").split_reference(os.fspath(spec))
+            if revision:
+                kwargs.setdefault("revision", revision)
             kwargs.setdefault("device", str(self.device))
         if spec is not None and hasattr(spec, "apply"):
             stage = spec

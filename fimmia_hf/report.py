@@ -8,14 +8,16 @@ over the best of them, and warns loudly when any of them reaches AUC >= 0.6.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 import numpy as np
+from transformers.hf_argparser import HfArg
 
 from . import attacks, shift
 from .metrics import json_safe, membership_metrics, plot_roc
@@ -186,26 +188,41 @@ def _markdown(report: dict, methods: dict, detectors: list[str], classic: list[s
     return "\n".join(parts) + "\n"
 
 
-def add_evaluate_arguments(parser: Any) -> None:
-    parser.add_argument("--test", required=True, help="scored test split (save_to_disk folder or Parquet) with `label`")
-    parser.add_argument("--model", help="trained detector folder or Hub id (omit to report only attacks and baselines)")
-    parser.add_argument(
-        "--ablation", action="append", default=[], metavar="NAME=DIR",
-        help="another detector to report beside it, e.g. 'loss-only=runs/loss_only' (repeatable)",
-    )
-    parser.add_argument("--train", help="training split: the blind baselines are fitted on it and scored on --test")
-    parser.add_argument("--modality", choices=("image", "audio", "video", "text"), help="default: from the media column")
-    parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
-    parser.add_argument("--title", default="Membership inference report")
-    parser.add_argument("--out", required=True, help="folder for report.md, report.json and roc.png")
+@dataclasses.dataclass
+class EvaluateArguments:
+    """`fimmia-hf evaluate`."""
+
+    EXAMPLE: ClassVar[str] = ("fimmia-hf evaluate --model detector --test-base test_base --test-finetuned test_finetuned "
+                              "--ablation loss-only=runs/loss_only --out report")
+    out: str = HfArg(help="folder for report.md, report.json and roc.png")
+    test: str | None = HfArg(
+        default=None, help="scored test split (save_to_disk folder or Parquet) with a 'label' column")
+    test_base: str | None = HfArg(default=None, help="paired protocol: test samples scored by the base model")
+    test_finetuned: str | None = HfArg(
+        default=None, help="paired protocol: the same test samples scored by the fine-tuned model")
+    model: str | None = HfArg(
+        default=None, help="trained detector folder or Hub id (omit to report only attacks and baselines)")
+    ablation: list[str] = HfArg(default_factory=list, metadata={"metavar": "NAME=DIR"},
+                                help="other detectors to report beside it, e.g. loss-only=runs/loss_only")
+    train: str | None = HfArg(
+        default=None, help="training split: the blind baselines are fitted on it and scored on the test split")
+    train_base: str | None = HfArg(default=None, help="paired protocol: training samples scored by the base model")
+    train_finetuned: str | None = HfArg(
+        default=None, help="paired protocol: the same training samples scored by the fine-tuned model")
+    modality: str | None = HfArg(default=None, metadata={"choices": ("image", "audio", "video", "text")},
+                                 help="the samples' modality (default: from the media column)")
+    n_bootstrap: int = HfArg(default=1000, help="bootstrap resamples for the confidence intervals")
+    seed: int = HfArg(default=0, help="seed of the bootstrap and the blind baselines")
+    title: str = HfArg(default="Membership inference report", help="title of the report")
 
 
-def run_evaluate(args: Any) -> int:
-    from .data import read_table
-    from .training import predict
+def run_evaluate(args: EvaluateArguments) -> int:
+    from .training import load_protocol, predict
 
-    test = read_table(args.test)
-    train = read_table(args.train) if args.train else None
+    test = load_protocol(args.test, args.test_base, args.test_finetuned, "test")
+    if test is None:
+        raise ValueError("no test data: give --test, or --test-base and --test-finetuned")
+    train = load_protocol(args.train, args.train_base, args.train_finetuned, "train")
     detectors = {"FiMMIA": args.model} if args.model else {}
     for item in args.ablation:
         name, sep, path = item.partition("=")
@@ -215,7 +232,7 @@ def run_evaluate(args: Any) -> int:
     scores = {name: np.asarray(predict(path, test)["score"]) for name, path in detectors.items()}
     report = build_report(
         test, out_dir=args.out, detector_scores=scores, train=train, modality=args.modality,
-        n_bootstrap=args.n_bootstrap, title=args.title,
+        n_bootstrap=args.n_bootstrap, seed=args.seed, title=args.title,
     )
     print((Path(args.out) / "report.md").read_text())
     for warning in report["warnings"]:

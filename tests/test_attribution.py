@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -12,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from fimmia_hf.attribution import add_attribute_arguments, attribute, run_attribute
+from fimmia_hf.attribution import attribute, run_attribute
+from fimmia_hf.cli import parse_command
 from fimmia_hf.configuration_fimmia import FiMMIAConfig
 from fimmia_hf.features import build_features
 from fimmia_hf.modeling_fimmia import FiMMIAForMembershipInference
@@ -183,8 +183,7 @@ def test_noise_tunnel_is_seeded_and_reports_delta(loss_detector, tmp_path) -> No
 def test_cli_writes_results(loss_detector, tmp_path, capsys) -> None:
     data = tmp_path / "scored.parquet"
     synthetic_features(16, k=4, dim=8, seed=4).to_parquet(str(data))
-    parser = add_attribute_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--model", loss_detector, "--data", str(data), "--n-steps", "10", "--no-graphs",
+    args = parse_command("attribute", ["--model", loss_detector, "--data", str(data), "--n-steps", "10", "--no-graphs",
                               "--out", str(tmp_path / "attr")])
     result = run_attribute(args)
     assert (tmp_path / "attr" / "integrated_gradients.parquet").is_file()

@@ -199,9 +199,9 @@ def test_split_stratifies_member_labels() -> None:
 
 def test_cli_validate_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = _write(tmp_path, _rows(4, label=1))
-    assert cli_main(["validate", str(path)]) == 0
+    assert cli_main(["validate", "--data", str(path)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows"] == 4 and summary["members"] == 4 and summary["modality"] == "text"
     bad = _write(tmp_path, [{"input": "", "answer": "a"}])
-    assert cli_main(["validate", str(bad)]) == 2
+    assert cli_main(["validate", "--data", str(bad)]) == 2
     assert "empty input" in capsys.readouterr().err

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from fimmia_hf import FiMMIAConfig, FiMMIAForMembershipInference
+from fimmia_hf.cli import parse_command
 from fimmia_hf.hub import (
-    add_push_arguments,
     load_detector,
     load_features,
     push_detector,
@@ -206,8 +206,7 @@ def test_cli_push(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = _detector()
     model.save_pretrained(tmp_path / "det")
     (tmp_path / "m.json").write_text(json.dumps(METRICS))
-    parser = add_push_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--model", str(tmp_path / "det"), "--repo-id", "me/cli-det",
+    args = parse_command("push", ["--model", str(tmp_path / "det"), "--repo-id", "me/cli-det",
                               "--metrics", str(tmp_path / "m.json"), "--private"])
     api = FakeHfApi(tmp_path / "hub")
     assert run_push(args, api=api) == 0
