@@ -443,19 +443,23 @@ class PushArguments:
 
 
 def run_push(args: PushArguments, *, api: Any = None) -> int:
-    """`fimmia-hf push`: the token comes from the environment / `hf auth login`, never from the command line."""
+    """`fimmia-hf push`: the token comes from the environment / `hf auth login`, never from the command line.
+    A Hub that cannot be reached (offline mode, no network, refused token) is one line, not a traceback."""
     model = load_detector(args.model)
     hub_ids = {name: getattr(args, name) for name in COMPONENTS if getattr(args, name)}
-    info = push_detector(model, args.repo_id, api=api, metrics=args.metrics, private=args.private or None,
-                         commit_message=args.commit_message, hub_ids=hub_ids)
-    out = {"model": str(getattr(info, "commit_url", None) or args.repo_id)}
-    print(f"pushed detector to {out['model']}")
-    if args.features:
-        repo = args.features_repo_id or f"{args.repo_id}-features"
-        finfo = push_features(args.features, repo, api=api, private=args.private or None,
-                              target_model=_hub_id(getattr(model.config, "target_model", None)))
-        out["features"] = str(getattr(finfo, "commit_url", None) or repo)
-        print(f"pushed features to {out['features']}")
+    try:
+        info = push_detector(model, args.repo_id, api=api, metrics=args.metrics, private=args.private or None,
+                             commit_message=args.commit_message, hub_ids=hub_ids)
+        print(f"pushed detector to {getattr(info, 'commit_url', None) or args.repo_id}")
+        if args.features:
+            repo = args.features_repo_id or f"{args.repo_id}-features"
+            finfo = push_features(args.features, repo, api=api, private=args.private or None,
+                                  target_model=_hub_id(getattr(model.config, "target_model", None)))
+            print(f"pushed features to {getattr(finfo, 'commit_url', None) or repo}")
+    except OSError as err:  # huggingface_hub's offline and HTTP errors are OSErrors
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"could not push to the Hub: {str(err).splitlines()[0]}") from err
     return 0
 
 

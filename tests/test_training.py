@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 import fimmia_hf  # noqa: F401  (registers the Auto classes)
 from fimmia_hf.cli import parse_command
@@ -125,6 +126,9 @@ def test_without_validation_split_thresholds_are_not_calibrated(split, tmp_path,
     assert model.config.decision_thresholds is None
     assert "not calibrated" in model.config.card_data["calibration"]["note"]
     assert "decision thresholds were not calibrated" in caplog.text
+    card = ModelCard.load(tmp_path / "README.md")  # a card even without eval data: no results, says why
+    assert card.data.library_name == "transformers" and card.data.eval_results is None
+    assert "Not calibrated" in card.text and "No evaluation results" in card.text
 
 
 def test_blind_embedding_only_control_is_near_chance(split, tmp_path) -> None:
@@ -200,6 +204,12 @@ def test_cli_train_and_predict_paired(tmp_path) -> None:
     assert config["protocol"] == "paired" and config["target_model"] == "org/base-vlm"
     assert config["neighbor_kwargs"] == {"ops": ["delete"], "seed": 3}  # for the pipeline to make neighbours alike
     assert config["card_data"]["epochs"] == pytest.approx(3.0)  # the command line wins over the YAML
+    card = ModelCard.load(out / "README.md")  # written by `train`, with the validation split's results
+    assert card.data.library_name == "transformers" and card.data.base_model == "org/base-vlm"
+    assert "membership-inference" in card.data.tags
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics["auc"] == pytest.approx(config["card_data"]["eval_metrics"]["auc"])
+    assert "| 1 % |" in card.text and config["decision_thresholds"]  # the calibrated thresholds
 
     for suffix in (".parquet", ".csv"):
         pargs = parse_command("predict", [
