@@ -285,8 +285,9 @@ def json_safe(value: Any) -> Any:
 
 
 def evaluate_module_path() -> str:
-    """Path of the bundled ``evaluate`` metric script: ``evaluate.load(evaluate_module_path())`` works offline."""
-    return str(Path(__file__).parent / "metrics_module" / "membership_metrics.py")
+    """Folder of the bundled ``evaluate`` metric (``membership_metrics/membership_metrics.py``, the layout
+    ``evaluate.load`` expects of a local folder): ``evaluate.load(evaluate_module_path())`` works offline."""
+    return str(Path(__file__).parent / "membership_metrics")
 
 
 __all__ = ["FPR_AT_TPR_KEY", "evaluate_module_path", "fpr_key", "json_safe", "membership_metrics", "plot_roc", "roc_curve_exact"]

@@ -85,6 +85,7 @@ CARD_PATTERN = re.compile(
     r"(?=[\s\S]*^library_name: transformers$)"
     r"(?=[\s\S]*^- membership-inference$)"
     r"(?=[\s\S]*^target_model: Qwen/Qwen2\.5-VL-3B-Instruct$)"
+    r"(?=[\s\S]*^base_model: Qwen/Qwen2\.5-VL-3B-Instruct$)"
     r"[\s\S]*^model-index:\n- name: fimmia-demo\n  results:\n  - task:\n      type: membership-inference\n"
     r"[\s\S]*^    - type: auc\n      value: 0\.934\n      name: AUC \(95% CI \[0\.901, 0\.962\]\)\n"
     r"[\s\S]*^---\n\n# fimmia-demo\n"
