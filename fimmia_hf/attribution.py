@@ -553,11 +553,11 @@ def _summarize(table: Any, arrays: dict[str, np.ndarray], groups: list[str], met
 
 # --------------------------------------------------------------------------------------------- graphs
 _PAIR_COLUMNS = {
-    "loss_attr": "Loss",
-    "embedding_attr_l2": "Embs, l2norm",
-    "embedding_attr_linf": "Embs, infnorm",
-    "media_attr_l2": "MEmbs, l2norm",
-    "media_attr_linf": "MEmbs, infnorm",
+    "loss_attr": "ΔL (loss delta)",
+    "embedding_attr_l2": "Δe (text embedding), L2 norm",
+    "embedding_attr_linf": "Δe (text embedding), L∞ norm",
+    "media_attr_l2": "Δm (media embedding), L2 norm",
+    "media_attr_linf": "Δm (media embedding), L∞ norm",
 }
 
 
@@ -580,8 +580,9 @@ def plot_pairs(
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    cols = [c for c in _PAIR_COLUMNS if c in table.columns]
     frame = table[table["valid"]]
+    # a group without attribution (no media branch, a head without embeddings) would be an empty row and column
+    cols = [c for c in _PAIR_COLUMNS if c in frame.columns and (frame[c].fillna(0).to_numpy() != 0).any()]
     if frame.empty or not cols:
         raise ValueError("no valid (sample, neighbour) pairs to plot")
     parts = _label_groups(frame, label_names or {})
@@ -616,7 +617,7 @@ def plot_pairs(
             ax.ticklabel_format(style="sci", scilimits=(-2, 3), useMathText=True)
     handles, names = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc="center right", title="label", fontsize=8)
-    fig.suptitle("Attribution toward P(member): loss vs embedding-attribution norms", fontsize=10)
+    fig.suptitle("Attribution toward P(member) of each input group, per (sample, neighbour) pair", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - legend_width / (2.8 * n + legend_width), 0.97))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

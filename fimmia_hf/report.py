@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +21,7 @@ import numpy as np
 from transformers.hf_argparser import HfArg
 
 from . import attacks, shift
+from .data import table_column, table_columns
 from .metrics import json_safe, membership_metrics, plot_roc
 
 SHIFT_WARNING_AUC = 0.6
@@ -112,8 +114,11 @@ def build_report(
 
     classic = sorted((n for n, m in methods.items() if m["kind"] == "classic attack"), key=lambda n: -methods[n]["auc"])
     detectors = [n for n, m in methods.items() if m["kind"] == "detector"]
-    plotted = detectors + classic[:4] + sorted(blind_names, key=lambda n: -methods[n]["auc"])[:3]
-    plot_roc({n: (labels, scores_of[n]) for n in plotted}, out_dir / "roc.png", log="both", title=title)
+    ties = tied_methods(scores_of, classic)
+    shown = {group[0]: tie_name(group, test) for group in ties}  # a tied group: its first member, named for all
+    classic_shown = [n for n in classic if n in shown or not any(n in g for g in ties)]
+    plotted = detectors + classic_shown[:4] + sorted(blind_names, key=lambda n: -methods[n]["auc"])[:3]
+    plot_roc({shown.get(n, n): (labels, scores_of[n]) for n in plotted}, out_dir / "roc.png", log="both", title=title)
 
     report = {
         "title": title,
@@ -123,6 +128,7 @@ def build_report(
         "best_classic_attack": classic[0] if classic else None,
         "best_blind_baseline": best_blind,
         "lift_over_best_blind": lift,
+        "ties": [{"methods": group, "name": shown[group[0]]} for group in ties],
         "blind_evaluation": shift.describe_evaluation(blind),
         # sample-size warnings are the same for every method: state each once
         "warnings": warnings + list(dict.fromkeys(w for m in methods.values() for w in m.get("warnings", []))),
@@ -134,6 +140,27 @@ def build_report(
     (out_dir / "report.json").write_text(json.dumps(json_safe(saved), indent=2, ensure_ascii=False))
     (out_dir / "report.md").write_text(_markdown(report, methods, detectors, classic, blind_names))
     return report
+
+
+def tied_methods(scores_of: Mapping[str, np.ndarray], names: Sequence[str]) -> list[list[str]]:
+    """Groups (of two or more, in the order of ``names``) of methods that rank every sample alike: their ROC
+    curves and every metric are the same, so they are one curve and one row."""
+    from scipy.stats import rankdata
+
+    groups: dict[bytes, list[str]] = {}
+    for name in names:
+        groups.setdefault(rankdata(scores_of[name]).tobytes(), []).append(name)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def tie_name(group: Sequence[str], test: Any) -> str:
+    """One name for tied methods: ``loss = zlib = min_k_*`` (a family's settings starred), with the reason when
+    it is the usual one, answers of one token (where every per-token statistic is the loss)."""
+    families = dict.fromkeys(re.sub(r"(_k?\d+)+$", "_*", name) for name in group)
+    name = " = ".join(families)
+    lengths = {len(v) for v in table_column(test, "token_logprobs") if v is not None} \
+        if "token_logprobs" in table_columns(test) else set()
+    return f"{name}: one-token answers" if lengths == {1} else name
 
 
 def _shift_warning(methods: dict, blind_names: list[str]) -> str | None:
@@ -153,6 +180,9 @@ def _shift_warning(methods: dict, blind_names: list[str]) -> str | None:
 
 
 def _markdown(report: dict, methods: dict, detectors: list[str], classic: list[str], blind_names: list[str]) -> str:
+    merged = {n for tie in report["ties"] for n in tie["methods"][1:]}  # a tied group is one row, its first
+    named = {tie["methods"][0]: tie["name"].split(":")[0] for tie in report["ties"]}
+    classic = [n for n in classic if n not in merged]
     order = detectors + classic + sorted(blind_names, key=lambda n: -methods[n]["auc"])
     order += [n for n, m in methods.items() if m["kind"] == "sanity check"]
     parts = [f"# {report['title']}", ""]
@@ -163,8 +193,10 @@ def _markdown(report: dict, methods: dict, detectors: list[str], classic: list[s
         "Metrics are exact (step ROC, no interpolation); intervals are 95 % stratified bootstrap.",
         "",
         *([report["blind_evaluation"], ""] if report.get("blind_evaluation") else []),
-        _table([(n, methods[n]["kind"], methods[n]) for n in order]),
+        _table([(named.get(n, n), methods[n]["kind"], methods[n]) for n in order]),
         "",
+        *[f"Tied: {', '.join(tie['methods'])} rank every sample alike ({tie['name']}), so they share one row and "
+          "one ROC curve." for tie in report["ties"]],
     ]
     lift = report["lift_over_best_blind"]
     if lift:

@@ -210,3 +210,17 @@ def test_statistics_group_dominates_when_only_the_absolute_loss_carries_signal(a
     assert set(shares) == {"loss", "embedding", "statistics"}
     assert shares["statistics"] > 0.5 and result.summary["dims"]["statistics"] == len(model.config.sample_statistics)
     assert result.summary["completeness_max_abs_error"] < 1e-3
+
+
+def test_pair_plot_leaves_out_groups_without_attribution(tmp_path) -> None:
+    """A detector without a media branch has zero media attribution: no empty media row and column."""
+    from matplotlib.image import imread
+
+    from fimmia_hf.attribution import plot_pairs
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"valid": True, "label": np.repeat([0, 1], 20), "loss_attr": rng.normal(size=40),
+                          "embedding_attr_l2": rng.random(40), "embedding_attr_linf": rng.random(40),
+                          "media_attr_l2": 0.0, "media_attr_linf": np.nan})
+    image = imread(plot_pairs(table, tmp_path / "pairs.png"))
+    assert image.shape[1] == round((2.8 * 3 + 1.6) * 110)  # three groups plotted, not five
