@@ -89,3 +89,15 @@ def test_bad_configuration_is_one_clear_line(tmp_path, capsys) -> None:
     for text, message in (("{seed: 3}", "not valid JSON"), ('["seed"]', "expected a JSON object")):
         assert main(["train", "--out", str(tmp_path / "d"), "--train", "t", "--neighbor-kwargs", text]) == 2
         assert f"--neighbor-kwargs: {message}" in capsys.readouterr().err
+
+
+def test_paired_inputs_are_spelled_alike_and_need_both_halves(tmp_path, capsys) -> None:
+    for argv, message in (
+        (["evaluate", "--test-base", "b", "--out", str(tmp_path)], "needs both --test-base and --test-finetuned"),
+        (["evaluate", "--test", "t", "--test-finetuned", "f", "--out", str(tmp_path)],
+         "either --test or --test-base/--test-finetuned"),
+        (["train", "--train-finetuned", "f", "--out", str(tmp_path)], "needs both --train-base and --train-finetuned"),
+        (["predict", "--model", "m", "--base", "b", "--out", str(tmp_path / "p.csv")], "needs both --base and --finetuned"),
+    ):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
