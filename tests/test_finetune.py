@@ -246,14 +246,10 @@ def test_two_processes_under_accelerate_launch(tiny_model, synthetic_table, tmp_
         tiny_model("image-text"),
         "--data",
         synthetic_table("image", n=4),
-        "--output_dir",
+        "--out",
         str(out),
-        "--max_steps",
-        "2",
-        "--activation_checkpointing",
-        "false",
-        "--use_cpu",
-        "true",
+        "--training-args",
+        '{"max_steps": 2, "activation_checkpointing": false, "use_cpu": true}',
     ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

@@ -242,8 +242,7 @@ def test_two_process_accelerate_launch(tmp_path) -> None:
     script = tmp_path / "train_2proc.py"
     script.write_text(textwrap.dedent("""
         import json, sys
-        from fimmia_hf.cli import parse_command
-from fimmia_hf.data import split_samples
+        from fimmia_hf.data import split_samples
         from fimmia_hf.testing import synthetic_features
         from fimmia_hf.training import train_detector
         train, held_out = split_samples(synthetic_features(96, k=3, dim=8, shift=1.5), test_size=0.5, seed=0)
@@ -286,7 +285,7 @@ def test_cli_train_uses_the_users_accelerate_config(tmp_path) -> None:
     held_out.save_to_disk(str(tmp_path / "eval"))
     env = {**os.environ, "HF_HOME": str(home), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [str(Path(sys.executable).with_name("fimmia-hf")), "train", "--train", str(tmp_path / "train"),
-           "--eval", str(tmp_path / "eval"), "--output-dir", str(tmp_path / "out"), "--num-train-epochs", "2",
+           "--eval", str(tmp_path / "eval"), "--out", str(tmp_path / "out"), "--epochs", "2",
            "--training-args", '{"use_cpu": true, "disable_tqdm": true}']
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
