@@ -65,6 +65,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def _command_parser_class() -> type:
+    """Built on first use: importing trl takes seconds, which `fimmia-hf --help` should not pay."""
     from trl import TrlParser
 
     class CommandParser(TrlParser):
