@@ -250,6 +250,13 @@ class FiMMIAForMembershipInference(PreTrainedModel):
             return ((loss,) + out) if loss is not None else out
         return MembershipInferenceOutput(loss=loss, logits=logits, scores=scores)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Also name ``AutoModel`` in ``auto_map`` (``register_for_auto_class`` records one class), so both
+        ``AutoModel`` and ``AutoModelForSequenceClassification`` load the remote code where fimmia_hf is absent."""
+        name = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": name}
+        super().save_pretrained(save_directory, *args, **kwargs)
+
     @classmethod
     def from_original_checkpoint(
         cls, path: str | os.PathLike, *, sigmas: dict[str, float] | None = None, **config_kwargs: Any

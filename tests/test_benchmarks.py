@@ -50,11 +50,11 @@ def test_bench_runs_a_registered_benchmark_by_name(monkeypatch, tmp_path, capsys
         monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr("fimmia_hf.benchmarks.runner.BENCHMARKS", ("toy", "other"))
 
-    assert main(["bench", "toy", "--json", str(tmp_path / "one.json")]) == 0
+    assert main(["bench", "--benchmarks", "toy", "--out", str(tmp_path / "one.json")]) == 0
     assert json.loads((tmp_path / "one.json").read_text()) == {"n_samples": 3, "ratio": 1.5}  # its own default
     assert "toy          ratio" in capsys.readouterr().out
-    assert main(["bench", "--samples", "5", "--json", str(tmp_path / "all.json")]) == 0  # default: all of them
+    assert main(["bench", "--samples", "5", "--out", str(tmp_path / "all.json")]) == 0  # default: all of them
     assert json.loads((tmp_path / "all.json").read_text()) == {
         "toy": {"n_samples": 5, "ratio": 1.5}, "other": {"n_samples": 5, "ratio": 2.0}}
-    assert main(["bench", "nope"]) == 2
+    assert main(["bench", "--benchmarks", "nope"]) == 2
     assert "unknown benchmark(s) ['nope']; choose from toy, other" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,6 +207,8 @@ def test_evaluate_module_offline() -> None:
     s = (rng.normal(size=100) + np.array(y)).tolist()
     got = metric.compute(prediction_scores=s, references=y, n_bootstrap=50, groups=["a", "b"] * 50)
     assert got == membership_metrics(y, s, n_bootstrap=50, groups=["a", "b"] * 50)
+    assert Path(evaluate_module_path()).is_dir()  # the folder, as `evaluate.load` takes a Hub metric's
+    assert evaluate.load(str(Path(evaluate_module_path()) / "membership_metrics.py")).name == metric.name
 
 
 # -- issue 20: the confidence level asked for is the one returned ------------------------------------

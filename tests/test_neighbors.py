@@ -137,18 +137,16 @@ def test_short_and_empty_text(tmp_path):
 
 
 def test_truncation_only_in_output_rows_and_cli(tmp_path):
-    from fimmia_hf.neighbors.cli import add_neighbors_arguments, run_neighbors
+    from fimmia_hf.cli import parse_command
+    from fimmia_hf.neighbors.cli import run_neighbors
 
     table = tmp_path / "samples.csv"
     long_text = "intro " * 50 + "What is two plus two? ANSWER:"
     table.write_text("input,answer\n" + json.dumps(long_text) + ",four\nshort question here please,yes\n")
     before = hashlib.sha256(table.read_bytes()).hexdigest()
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_neighbors_arguments(parser)
     out = tmp_path / "out"
-    args = parser.parse_args(
+    args = parse_command(
+        "neighbors",
         [
             "--data",
             str(table),
