@@ -193,6 +193,8 @@ def membership_metrics(
         raise ValueError(f"fprs must be in (0, 1), got {tuple(fprs)}")
     if n_bootstrap < 0:
         raise ValueError("n_bootstrap must be >= 0")
+    if not 0.0 < confidence < 1.0:  # outside, numpy fails obscurely or the interval comes out inverted
+        raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}")
     rng = np.random.default_rng(seed)
     result = _single(y, s, fprs, n_bootstrap, rng, confidence)
     if groups is not None:

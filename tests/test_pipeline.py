@@ -278,3 +278,25 @@ def test_pipeline_from_another_folder_gives_the_cli_and_predict_score(tiny_model
 def test_pipeline_without_a_detector_says_what_to_pass() -> None:
     with pytest.raises(ValueError, match=r"needs model=<a trained detector"):
         pipeline("membership-inference")
+
+
+# -- issue 20: the threshold a detector stores is the one its labels use ------------------------------
+
+
+def test_labels_use_the_stored_fallback_threshold_strictly(tmp_path: Path) -> None:
+    """Without calibrated thresholds, labels follow `config.threshold` (not a hard-coded 0.5), and a score
+    equal to it is a non-member (score > threshold ⇒ member)."""
+    from fimmia_hf.testing import synthetic_features
+
+    torch.manual_seed(0)
+    rows = list(synthetic_features(n=8, k=3, dim=8))
+    model = FiMMIAForMembershipInference(FiMMIAConfig(embedding_dim=8, projection_dim=8, hidden_sizes=[8]))
+    model.save_pretrained(tmp_path / "default")
+    scores = [r["score"] for r in pipeline("membership-inference", model=str(tmp_path / "default"), device="cpu")(rows)]
+    cut = sorted(scores)[2]
+    model.config.threshold = cut
+    model.save_pretrained(tmp_path / "stored")
+    labels = [r["label"] for r in pipeline("membership-inference", model=str(tmp_path / "stored"), device="cpu")(rows)]
+    assert labels == ["member" if s > cut else "non-member" for s in scores]
+    assert labels.count("member") == 5 and labels[scores.index(cut)] == "non-member"  # the boundary row
+    assert labels != ["member" if s > 0.5 else "non-member" for s in scores]  # 0.5 would label them otherwise

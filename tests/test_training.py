@@ -291,3 +291,22 @@ def test_cli_train_uses_the_users_accelerate_config(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     card = FiMMIAForMembershipInference.from_pretrained(tmp_path / "out").config.card_data
     assert card["training_args"]["world_size"] == 2
+
+
+# -- issue 20: `train --eval-size` holds out whole samples --------------------------------------------
+
+
+def test_cli_eval_size_holds_out_whole_samples(tmp_path, monkeypatch) -> None:
+    """Paired tables hold each sample twice (base and fine-tuned rows): a split by row would put most
+    samples on both sides, and the held-out score would measure memorised rows."""
+    import fimmia_hf.training as training
+
+    base, finetuned = _paired_tables(tmp_path)
+    seen = {}
+    monkeypatch.setattr(training, "train_detector", lambda train, eval_ds, **kw: seen.update(train=train, eval=eval_ds))
+    run_train(parse_command("train", [
+        "--train-base", base, "--train-finetuned", finetuned, "--eval-size", "0.25", "--out", str(tmp_path / "d")]))
+    train_ids, eval_ids = seen["train"]["sample_id"], seen["eval"]["sample_id"]
+    assert not set(train_ids) & set(eval_ids)
+    assert len(set(eval_ids)) == 30 and len(eval_ids) == 60  # a quarter of 120 samples, both rows of each
+    assert sorted(seen["eval"]["label"]) == [0] * 30 + [1] * 30 and len(train_ids) == 180
