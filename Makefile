@@ -36,7 +36,7 @@ demo: install  ## the whole pipeline on embedded synthetic data, tiny models, no
 	$(BIN)/fimmia-hf demo --out demo_output
 
 bench: install
-	$(BIN)/fimmia-hf bench --json bench.json
+	$(BIN)/fimmia-hf bench --out bench.json
 
 clean:
 	rm -rf $(VENV) demo_output bench.json .pytest_cache

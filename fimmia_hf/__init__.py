@@ -72,6 +72,20 @@ class _DetectorInAutoMappings:
         return __getattr__("FiMMIAForMembershipInference")._from_config(*args, **kwargs)
 
 
+class _NoDefaultDetector(dict):
+    """The task's ``default`` entry: `pipeline("membership-inference")` without ``model=`` looks up a default model
+    here, and there is none (a detector belongs to its target), so the lookup says what to pass."""
+
+    def __init__(self) -> None:
+        super().__init__(model=None)
+
+    def __getitem__(self, key: str) -> Any:
+        raise ValueError(
+            "pipeline('membership-inference') needs model=<a trained detector: its folder (from `fimmia-hf train`) "
+            "or Hub id>; there is no default detector"
+        )
+
+
 def _register_pipeline() -> None:
     from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -82,6 +96,7 @@ def _register_pipeline() -> None:
             "membership-inference",
             pipeline_class=MembershipInferencePipeline,
             pt_model=AutoModelForSequenceClassification,
+            default=_NoDefaultDetector(),
             type="multimodal",
         )
 

@@ -67,7 +67,7 @@ def _floats(ds: Any, name: str) -> np.ndarray:
     out = np.empty(len(values), dtype=np.float64)
     for i, v in enumerate(values):
         if v is None:
-            raise ValueError(f"row {i}: column {name!r} is empty (None)")
+            raise ValueError(f"row {i + 1}: column {name!r} is empty (None)")
         out[i] = float(v)
     return out
 
@@ -77,7 +77,7 @@ def _token_lists(ds: Any, name: str) -> list[np.ndarray]:
     for i, v in enumerate(table_column(ds, name)):
         arr = np.asarray(v if v is not None else [], dtype=np.float64).reshape(-1)
         if arr.size == 0:
-            raise ValueError(f"row {i}: column {name!r} has no answer tokens")
+            raise ValueError(f"row {i + 1}: column {name!r} has no answer tokens")
         out.append(arr)
     return out
 
@@ -86,7 +86,7 @@ def _check_aligned(name_a: str, a: Sequence[np.ndarray], name_b: str, b: Sequenc
     for i, (x, y) in enumerate(zip(a, b)):
         if x.shape != y.shape:
             raise ValueError(
-                f"row {i}: column {name_a!r} has {x.size} tokens but {name_b!r} has {y.size}; "
+                f"row {i + 1}: column {name_a!r} has {x.size} tokens but {name_b!r} has {y.size}; "
                 "per-token columns must cover the same answer tokens"
             )
 
@@ -179,7 +179,7 @@ def neighborhood_attack(loss: np.ndarray, neighbor_losses: Sequence[Sequence[flo
     for i, nl in enumerate(neighbor_losses):
         arr = np.asarray(nl if nl is not None else [], dtype=np.float64)
         if arr.size == 0:
-            raise ValueError(f"row {i}: column 'neighbor_losses' is empty")
+            raise ValueError(f"row {i + 1}: column 'neighbor_losses' is empty")
         out[i] = arr.mean() - loss[i]
     return out
 

@@ -15,12 +15,12 @@ its neighbours; for them the ``mean`` baseline is the meaningful one (a raw loss
 
 Outputs: an :class:`AttributionResult` with one row per (sample, neighbour), the share of |attribution| that
 each group takes (overall and per label), the IG convergence delta, a pair plot and a bar chart of the shares.
-CLI: ``fimmia-hf attribute`` (:func:`add_attribute_arguments` + :func:`run_attribute`).
+CLI: ``fimmia-hf attribute`` (:class:`AttributeArguments` + :func:`run_attribute`).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -29,9 +29,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from transformers.hf_argparser import HfArg
 
 from .metrics import json_safe
 
@@ -552,11 +553,11 @@ def _summarize(table: Any, arrays: dict[str, np.ndarray], groups: list[str], met
 
 # --------------------------------------------------------------------------------------------- graphs
 _PAIR_COLUMNS = {
-    "loss_attr": "Loss",
-    "embedding_attr_l2": "Embs, l2norm",
-    "embedding_attr_linf": "Embs, infnorm",
-    "media_attr_l2": "MEmbs, l2norm",
-    "media_attr_linf": "MEmbs, infnorm",
+    "loss_attr": "ΔL (loss delta)",
+    "embedding_attr_l2": "Δe (text embedding), L2 norm",
+    "embedding_attr_linf": "Δe (text embedding), L∞ norm",
+    "media_attr_l2": "Δm (media embedding), L2 norm",
+    "media_attr_linf": "Δm (media embedding), L∞ norm",
 }
 
 
@@ -579,8 +580,9 @@ def plot_pairs(
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    cols = [c for c in _PAIR_COLUMNS if c in table.columns]
     frame = table[table["valid"]]
+    # a group without attribution (no media branch, a head without embeddings) would be an empty row and column
+    cols = [c for c in _PAIR_COLUMNS if c in frame.columns and (frame[c].fillna(0).to_numpy() != 0).any()]
     if frame.empty or not cols:
         raise ValueError("no valid (sample, neighbour) pairs to plot")
     parts = _label_groups(frame, label_names or {})
@@ -615,7 +617,7 @@ def plot_pairs(
             ax.ticklabel_format(style="sci", scilimits=(-2, 3), useMathText=True)
     handles, names = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc="center right", title="label", fontsize=8)
-    fig.suptitle("Attribution toward P(member): loss vs embedding-attribution norms", fontsize=10)
+    fig.suptitle("Attribution toward P(member) of each input group, per (sample, neighbour) pair", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - legend_width / (2.8 * n + legend_width), 0.97))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -686,43 +688,36 @@ def plot_shares(summary: Mapping[str, Any], path: str | os.PathLike, *, label_na
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def add_attribute_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags of ``fimmia-hf attribute``."""
-    parser.add_argument("--model", required=True, help="detector folder or Hub id")
-    parser.add_argument("--data", default=None,
-                        help="scored samples or built features (save_to_disk folder, .parquet, .json/.jsonl)")
-    parser.add_argument("--base", default=None, help="paired protocol: samples scored by the base model (label 0)")
-    parser.add_argument("--finetuned", default=None, help="paired protocol: the same samples scored by the fine-tuned model")
-    parser.add_argument("--method", choices=METHODS, default="integrated_gradients")
-    parser.add_argument("--noise-tunnel", action="store_true", help="wrap the method in SmoothGrad (NoiseTunnel)")
-    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
-                        help="write the pair plot and the share chart (PNG); default on")
-    parser.add_argument("--n-steps", type=int, default=100, help="IG integration steps (default: 100)")
-    parser.add_argument("--baseline", choices=BASELINES, default="zeros", help="IG baseline (default: zeros)")
-    parser.add_argument("--nt-samples", type=int, default=250, help="noisy copies per pair (default: 250)")
-    parser.add_argument("--nt-stdev", type=float, default=0.02, help="SmoothGrad noise std (default: 0.02)")
-    parser.add_argument("--batch-size", type=int, default=64, help="samples per batch (default: 64)")
-    parser.add_argument("--max-samples", type=int, default=None, help="attribute only the first N samples")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="output folder (default: <model folder>/attribution)")
-    return parser
+@dataclasses.dataclass
+class AttributeArguments:
+    """`fimmia-hf attribute`."""
+
+    EXAMPLE: ClassVar[str] = "fimmia-hf attribute --model detector --base base_scored --finetuned finetuned_scored"
+    model: str = HfArg(help="detector folder or Hub id")
+    data: str | None = HfArg(
+        default=None, help="scored samples or built features (save_to_disk folder, .parquet, .json/.jsonl)")
+    base: str | None = HfArg(default=None, help="paired protocol: samples scored by the base model (label 0)")
+    finetuned: str | None = HfArg(default=None, help="paired protocol: the same samples scored by the fine-tuned model")
+    method: str = HfArg(default="integrated_gradients", metadata={"choices": METHODS}, help="captum attribution method")
+    noise_tunnel: bool = HfArg(default=False, help="wrap the method in SmoothGrad (NoiseTunnel)")
+    graphs: bool = HfArg(default=True, help="write the pair plot and the share chart (PNG); --no-graphs skips them")
+    n_steps: int = HfArg(default=100, help="IG integration steps")
+    baseline: str = HfArg(default="zeros", metadata={"choices": BASELINES}, help="IG baseline")
+    nt_samples: int = HfArg(default=250, help="noisy copies per pair")
+    nt_stdev: float = HfArg(default=0.02, help="SmoothGrad noise std")
+    batch_size: int = HfArg(default=64, help="samples per batch")
+    max_samples: int | None = HfArg(default=None, help="attribute only the first N samples")
+    device: str | None = HfArg(default=None, help="torch device, e.g. cuda:0 (default: the model's)")
+    seed: int = HfArg(default=0, help="seed of the baselines and the noise")
+    out: str | None = HfArg(default=None, help="output folder (default: <model folder>/attribution)")
 
 
-def run_attribute(args: argparse.Namespace) -> AttributionResult:
+def run_attribute(args: AttributeArguments) -> AttributionResult:
     """``fimmia-hf attribute``: writes the table, summary, arrays and graphs; prints the group shares."""
-    if args.data and (args.base or args.finetuned):
-        raise ValueError("give either --data or --base/--finetuned, not both")
-    if args.base or args.finetuned:
-        if not (args.base and args.finetuned):
-            raise ValueError("the paired protocol needs both --base and --finetuned")
-        from .features import paired_dataset
-        from .training import load_scored
+    from .training import load_protocol
 
-        data = paired_dataset(load_scored(args.base), load_scored(args.finetuned))
-    elif args.data:
-        data = args.data
-    else:
+    data = load_protocol(args.data, args.base, args.finetuned) if (args.base or args.finetuned) else args.data
+    if data is None:
         raise ValueError("no data: give --data, or --base and --finetuned")
     if args.out is None and not Path(args.model).is_dir():
         raise ValueError(f"--model {args.model} is not a local folder: give --out for the results")
@@ -745,7 +740,7 @@ def run_attribute(args: argparse.Namespace) -> AttributionResult:
 
 __all__ = [
     "AttributionResult",
-    "add_attribute_arguments",
+    "AttributeArguments",
     "attribute",
     "plot_pairs",
     "plot_shares",

@@ -18,15 +18,15 @@ they are cached and resume).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from transformers.hf_argparser import HfArg
 
 TESTS = ("welch", "mann-whitney")
 ALTERNATIVES = ("greater", "less", "two-sided")
@@ -230,61 +230,40 @@ def audit(
 
 # --------------------------------------------------------------------------------------------- CLI
 @dataclasses.dataclass
-class AuditConfig:
-    """Arguments of ``fimmia-hf audit`` (also the keys of its YAML ``--config``)."""
+class AuditArguments:
+    """`fimmia-hf audit`."""
 
-    suspect: str | None = None
-    reference: str | None = None
-    detector: str | None = None
-    score: str | None = None
-    test: str = "welch"
-    alpha: float = 0.05
-    blind: bool = True
-    search: str = "standard"
-    modality: str | None = None
-    media_root: str | None = None
-    target_model: str | None = None
-    device: str | None = None
-    seed: int = 0
-    out: str | None = None
-
-
-_HELP = {
-    "suspect": "the samples the target may have been trained on: a scored table (save_to_disk folder, Parquet, "
-    "CSV...) or, with --detector, a raw sample table (scored through the pipeline)",
-    "reference": "known non-members from the same distribution, in the same format (never used to train the detector)",
-    "detector": "detector folder or Hub id whose scores are tested",
-    "score": "test a classic attack's score instead of a detector's, e.g. loss, min_k_pp_20, zlib (scored tables)",
-    "test": "welch (Welch's t-test, as Maini et al. 2024) | mann-whitney (rank test)",
-    "alpha": "significance level of the verdict",
-    "blind": "run the blind baselines between the two sets (--no-blind skips the distribution-shift check)",
-    "search": "hyper-parameter grid of the blind baselines: fast | standard | full",
-    "modality": "image | audio | video | text (default: from the media column)",
-    "media_root": "folder that relative media paths start from (default: each table's folder)",
-    "target_model": "raw tables only: the target to score with instead of the one the detector records",
-    "device": "raw tables only: device of the pipeline's models, e.g. cuda",
-    "out": "write the result (test, blind baselines, verdict) to this JSON file",
-}
+    EXAMPLE: ClassVar[str] = ("fimmia-hf audit --suspect bench_scored --reference heldout_scored --detector runs/det "
+                              "--out audit.json")
+    suspect: str = HfArg(help="the samples the target may have been trained on: a scored table (save_to_disk folder, "
+                         "Parquet, CSV...) or, with --detector, a raw sample table (scored through the pipeline)")
+    reference: str = HfArg(help="known non-members from the same distribution, in the same format (never used to "
+                           "train the detector)")
+    out: str = HfArg(help="write the result (test, blind baselines, verdict) to this JSON file")
+    detector: str | None = HfArg(default=None, help="detector folder or Hub id whose scores are tested")
+    score: str | None = HfArg(default=None, help="test a classic attack's score instead of a detector's, e.g. loss, "
+                              "min_k_pp_20, zlib (scored tables)")
+    test: str = HfArg(default="welch", metadata={"choices": TESTS},
+                      help="welch (Welch's t-test, as Maini et al. 2024) | mann-whitney (rank test)")
+    alpha: float = HfArg(default=0.05, help="significance level of the verdict")
+    blind: bool = HfArg(default=True, help="run the blind baselines between the two sets (--no-blind skips the "
+                        "distribution-shift check)")
+    search: str = HfArg(default="standard", metadata={"choices": ("fast", "standard", "full")},
+                        help="hyper-parameter grid of the blind baselines")
+    modality: str | None = HfArg(default=None, metadata={"choices": ("image", "audio", "video", "text")},
+                                 help="the samples' modality (default: from the media column)")
+    media_root: str | None = HfArg(
+        default=None, help="folder that relative media paths start from (default: each table's folder)")
+    target_model: str | None = HfArg(
+        default=None, help="raw tables only: the target to score with instead of the one the detector records")
+    device: str | None = HfArg(default=None, help="raw tables only: device of the pipeline's models, e.g. cuda")
+    seed: int = HfArg(default=0, help="seed of the blind baselines")
 
 
-def add_audit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags of ``fimmia-hf audit``."""
-    from .training import add_dataclass_arguments
-
-    parser.epilog = ("example: fimmia-hf audit --suspect bench_scored --reference heldout_scored --detector runs/det "
-                     "--out audit.json")
-    add_dataclass_arguments(parser, AuditConfig, _HELP)
-    return parser
-
-
-def run_audit(args: argparse.Namespace) -> dict[str, Any]:
+def run_audit(cfg: AuditArguments) -> dict[str, Any]:
     """``fimmia-hf audit``: prints the verdict, writes the JSON; returns the result."""
     from .data import check_writable
-    from .training import resolve_arguments
 
-    cfg = resolve_arguments(AuditConfig, args)
-    if not (cfg.suspect and cfg.reference and cfg.out):
-        raise ValueError("--suspect, --reference and --out are required")
     check_writable(cfg.out)  # the scores computed for the audit live in a temporary cache: fail before them
     pipeline_kwargs = {k: v for k, v in (("target_model", cfg.target_model), ("device", cfg.device)) if v is not None}
     result = audit(cfg.suspect, cfg.reference, detector=cfg.detector, score=cfg.score, test=cfg.test, alpha=cfg.alpha,
@@ -298,4 +277,4 @@ def run_audit(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-__all__ = ["AuditConfig", "DatasetInferenceResult", "add_audit_arguments", "audit", "dataset_inference", "run_audit"]
+__all__ = ["AuditArguments", "DatasetInferenceResult", "audit", "dataset_inference", "run_audit"]

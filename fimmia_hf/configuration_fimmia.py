@@ -20,6 +20,24 @@ HEADS = ("fimmia", "loss_only", "embedding_only", "combined")
 LOSS_NORMS = ("none", "std", "minmax", "periodic")
 PROTOCOLS = ("paired", "member")
 STAGE_SETTINGS = ("neighbor_kwargs", "embedding_kwargs", "media_embedding_kwargs", "scorer_kwargs")
+COMPONENTS = ("target_model", "neighbor_model", "embedding_model", "media_embedding_model")
+
+
+def component_reference(value: Any) -> Any:
+    """A component model recorded so that it resolves from any folder: an existing local path becomes absolute;
+    anything else (a Hub id, ``id@revision``, an absolute path) is kept as given."""
+    if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
+        return os.path.abspath(value)
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def split_reference(reference: str) -> tuple[str, str | None]:
+    """``"owner/name@revision"`` -> ``("owner/name", "revision")``; a local path or a bare id has no revision
+    (Hub ids cannot hold ``@``)."""
+    if os.path.exists(reference) or "@" not in reference:
+        return reference, None
+    repo_id, _, revision = reference.rpartition("@")
+    return repo_id, revision or None
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -117,8 +135,10 @@ class FiMMIAConfig(PreTrainedConfig):
         periodic_sigma: initial std of the periodic frequencies.
     Provenance (model card / pipeline)
         num_neighbors, modality, protocol (``paired`` base-vs-fine-tuned or ``member`` member/non-member;
-        None = unknown, set by training from the data), target_model, neighbor_model, embedding_model,
-        media_embedding_model, card_data (filled by training).
+        None = unknown, set by training from the data), card_data (filled by training).
+        target_model, neighbor_model, embedding_model, media_embedding_model: references that resolve from any
+            folder: a Hub id (``owner/name`` or ``owner/name@revision``) or an absolute path (a local path given
+            relative is made absolute when the config is built).
         decision_thresholds: ``{"0.01": t, "0.05": t}``, score thresholds calibrated by training on its
             validation split (score > t ⇒ "member" keeps the FPR on those non-members at or below the level);
             None when the detector was trained without one.
@@ -168,6 +188,8 @@ class FiMMIAConfig(PreTrainedConfig):
             n = len(self.sample_statistics)
             self.sample_statistics_mean = [float(v) for v in self.sample_statistics_mean or [0.0] * n]
             self.sample_statistics_std = [float(v) for v in self.sample_statistics_std or [1.0] * n]
+        for name in COMPONENTS:
+            setattr(self, name, component_reference(getattr(self, name)))
         for name in STAGE_SETTINGS:  # tuples become lists now rather than after a save and reload
             value = getattr(self, name)
             if isinstance(value, dict) and _is_json(value):
@@ -260,7 +282,8 @@ class FiMMIAConfig(PreTrainedConfig):
         return self.uses_embeddings and self.media_embedding_dim > 0
 
 
-__all__ = ["FiMMIAConfig", "PickledWeightsError", "refuse_pickled_weights"]
+__all__ = ["COMPONENTS", "FiMMIAConfig", "PickledWeightsError", "component_reference", "refuse_pickled_weights",
+           "split_reference"]
 
 
 FiMMIAConfig.register_for_auto_class()  # saved detectors carry this file: `trust_remote_code=True` works anywhere

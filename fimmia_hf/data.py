@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import codecs
 import copy
+import dataclasses
 import hashlib
 import io
 import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 import numpy as np
 import pyarrow as pa
+from transformers.hf_argparser import HfArg
 
 from .columns import ANSWER, DS_NAME, INPUT, LABEL, LIST_COLUMNS, MEDIA_COLUMNS, SAMPLE_ID
 from .media import MediaError, load_media
@@ -416,13 +418,20 @@ def save_dataset(ds: datasets.Dataset, out: str | os.PathLike, *, inputs: Iterab
     return out
 
 
-def add_validate_arguments(parser: Any) -> None:
-    parser.add_argument("data", help="sample table (CSV/TSV/Parquet/JSON/JSONL) or a save_to_disk folder")
-    parser.add_argument("--modality", choices=MODALITIES, help="expected modality (default: from the columns)")
-    parser.add_argument("--media-root", help="folder that media paths are relative to (default: the table's folder)")
+# --------------------------------------------------------------------------------------------- CLI
+@dataclasses.dataclass
+class ValidateArguments:
+    """`fimmia-hf validate`."""
+
+    EXAMPLE: ClassVar[str] = "fimmia-hf validate --data samples.csv --modality image"
+    data: str = HfArg(help="sample table (CSV/TSV/Parquet/JSON/JSONL) or a save_to_disk folder")
+    modality: str | None = HfArg(
+        default=None, help="expected modality (default: from the columns)", metadata={"choices": MODALITIES})
+    media_root: str | None = HfArg(
+        default=None, help="folder that media paths are relative to (default: the table's folder)")
 
 
-def run_validate(args: Any) -> int:
+def run_validate(args: ValidateArguments) -> int:
     ds = load_samples(args.data, modality=args.modality, media_root=args.media_root)
     summary = {"rows": len(ds), "modality": modality_of(ds), "columns": ds.column_names}
     if "label" in ds.column_names:
@@ -431,4 +440,32 @@ def run_validate(args: Any) -> int:
     names = ds["ds_name"]
     summary["ds_name"] = {n: names.count(n) for n in sorted(set(names))}
     print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+@dataclasses.dataclass
+class SplitArguments:
+    """`fimmia-hf split`."""
+
+    EXAMPLE: ClassVar[str] = "fimmia-hf split --data scored.parquet --test-size 0.3 --out splits"
+    data: str = HfArg(help=(
+        "table to split: raw samples (validated, given a sample_id) or a stage output such as a scored table"))
+    out: str = HfArg(help="folder for train.parquet and test.parquet")
+    test_size: float = HfArg(
+        default=0.2, help="share of samples in the test split (below 1), or a number of samples")
+    seed: int = HfArg(default=0, help="random seed of the split")
+
+
+def run_split(args: SplitArguments) -> int:
+    """Rows sharing a sample_id (paired tables, neighbours) stay on one side, as `split_samples` does."""
+    ds = read_table(args.data)
+    if SAMPLE_ID not in ds.column_names:
+        ds = load_samples(args.data)
+    size = int(args.test_size) if args.test_size >= 1 else args.test_size
+    train, test = split_samples(ds, test_size=size, seed=args.seed)
+    out = Path(args.out)
+    paths = {name: save_dataset(part, out / f"{name}.parquet", inputs=[args.data])
+             for name, part in (("train", train), ("test", test))}
+    print(json.dumps({name: {"rows": len(part), "path": str(paths[name])}
+                      for name, part in (("train", train), ("test", test))}, indent=2))
     return 0

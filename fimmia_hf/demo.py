@@ -13,14 +13,15 @@ The image detector is saved with its model card and served by `pipeline("members
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from transformers.hf_argparser import HfArg
 
 MODALITIES = ("image", "audio", "video")
 TARGET_KIND = {"image": "image-text", "video": "image-text", "audio": "audio-text"}
@@ -198,15 +199,21 @@ def demo(
     return summary
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo_output", help="folder for data, models, reports and the summary")
-    parser.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES))
-    parser.add_argument("--samples", type=int, default=128, help="samples per modality (half of them members)")
-    parser.add_argument("--pool", type=int, default=64, help="disjoint samples that teach the base target the format")
-    parser.add_argument("--neighbors", type=int, default=8, help="K neighbours per sample")
-    parser.add_argument("--seed", type=int, default=0)
+@dataclasses.dataclass
+class DemoArguments:
+    """`fimmia-hf demo`."""
+
+    EXAMPLE: ClassVar[str] = "fimmia-hf demo --modalities image --samples 64 --out demo_output"
+    out: str = HfArg(default="demo_output", help="folder for data, models, reports and the summary")
+    modalities: list[str] = HfArg(default_factory=lambda: list(MODALITIES), metadata={"choices": MODALITIES},
+                                  help="modalities to run")
+    samples: int = HfArg(default=128, help="samples per modality (half of them members)")
+    pool: int = HfArg(default=64, help="disjoint samples that teach the base target the format")
+    num_neighbors: int = HfArg(default=8, help="K neighbours per sample")
+    seed: int = HfArg(default=0, help="seed of the data, the models and every stage")
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    demo(args.out, modalities=tuple(args.modalities), n=args.samples, pool=args.pool, k=args.neighbors, seed=args.seed)
+def run_demo(args: DemoArguments) -> int:
+    demo(args.out, modalities=tuple(args.modalities), n=args.samples, pool=args.pool, k=args.num_neighbors,
+         seed=args.seed)
     return 0

@@ -18,8 +18,6 @@ weights to `output_dir/merged`. Everything runs unchanged under `accelerate laun
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -27,9 +25,10 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
+from transformers.hf_argparser import HfArg
 
 from .chat import IGNORE_INDEX, ChatEncoder, ChatEncoding, is_per_token
 from .data import load_samples, modality_of
@@ -345,137 +344,74 @@ def _write_info(
 # CLI: `fimmia-hf finetune`
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class FinetuneScriptArguments:
-    """What to fine-tune on what; every `trl.SFTConfig` field is accepted besides these."""
+class FinetuneArguments:
+    """`fimmia-hf finetune`: what a user sets; any other `trl.SFTConfig` field goes in `--training-args`."""
 
-    model: str | None = dataclasses.field(
-        default=None, metadata={"help": "base model: Hub id or local folder (required)"}
-    )
-    data: str | None = dataclasses.field(
-        default=None, metadata={"help": "training samples: CSV/TSV/Parquet/JSON/JSONL or a dataset folder (required)"}
-    )
-    modality: str | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "image | video | audio | text (default: from the columns)",
-            "choices": ["image", "video", "audio", "text"],
-        },
-    )
-    eval_data: str | None = dataclasses.field(default=None, metadata={"help": "evaluation samples"})
-    members_only: bool = dataclasses.field(default=False, metadata={"help": "train only on rows with label 1"})
-    epochs: float = dataclasses.field(default=5.0, metadata={"help": "number of training epochs"})
-    merge: bool = dataclasses.field(default=False, metadata={"help": "also save merged weights in OUTPUT_DIR/merged"})
-    lora_r: int = dataclasses.field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = dataclasses.field(default=16, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = dataclasses.field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: list[str] = dataclasses.field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        metadata={"help": "leaf module names to adapt inside the language model"},
-    )
-    answer_only: bool = dataclasses.field(
-        default=True, metadata={"help": "train on the answer tokens only (as scored)"}
-    )
-    include_closing_tokens: bool = dataclasses.field(
-        default=False, metadata={"help": "also train on the tokens closing the answer turn"}
-    )
-    num_frames: int = dataclasses.field(default=8, metadata={"help": "video frames per sample"})
-
-
-_SKIPPED_SFT_FIELDS = {"num_train_epochs"}  # spelled --epochs here
-_CLI_DEFAULTS = {"learning_rate": 2e-4}  # the recipe's value, not SFTConfig's 2e-5
+    EXAMPLE: ClassVar[str] = ("fimmia-hf finetune --model Qwen/Qwen2.5-VL-3B-Instruct --data members.csv --members-only "
+                              "--epochs 5 --out adapters/qwen-members --training-args '{\"bf16\": true}'")
+    model: str = HfArg(help="base model: Hub id or local folder")
+    data: str = HfArg(help="training samples: CSV/TSV/Parquet/JSON/JSONL or a dataset folder")
+    out: str = HfArg(help="folder for the LoRA adapter and the processor (and merged/ with --merge)")
+    modality: str | None = HfArg(default=None, metadata={"choices": ("image", "video", "audio", "text")},
+                                 help="the samples' modality (default: from the columns)")
+    eval: str | None = HfArg(default=None, help="evaluation samples (same format)")
+    members_only: bool = HfArg(default=False, help="train only on rows with label 1")
+    epochs: float = HfArg(default=5.0, help="training epochs")
+    learning_rate: float = HfArg(default=2e-4, help="learning rate (constant, the original recipe)")
+    batch_size: int = HfArg(default=1, help="samples per device and step")
+    gradient_accumulation_steps: int = HfArg(default=1, help="steps whose gradients are summed before an update")
+    seed: int = HfArg(default=1234, help="seed of the adapters' initialisation and the data order")
+    merge: bool = HfArg(default=False, help="also save merged weights in OUT/merged")
+    lora_r: int = HfArg(default=8, help="LoRA rank")
+    lora_alpha: int = HfArg(default=16, help="LoRA alpha")
+    lora_dropout: float = HfArg(default=0.05, help="LoRA dropout")
+    lora_target_modules: list[str] = HfArg(default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+                                           help="leaf module names to adapt inside the language model")
+    modules_to_save: list[str] = HfArg(default_factory=list, help="modules trained in full and saved beside the "
+                                       "adapter (peft modules_to_save), e.g. lm_head embed_tokens")
+    answer_only: bool = HfArg(default=True, help="train on the answer tokens only (as scored); --no-answer-only "
+                              "trains on the whole text")
+    include_closing_tokens: bool = HfArg(default=False, help="also train on the tokens closing the answer turn")
+    system_prompt: str | None = HfArg(default=None, help="system message added to every chat (as in `score`)")
+    max_length: int | None = HfArg(default=None, help="truncate longer prompts from the left (never the answer)")
+    num_frames: int = HfArg(default=8, help="video frames per sample")
+    training_args: str | None = HfArg(default=None, help="other trl.SFTConfig / TrainingArguments fields as JSON, "
+                                      "e.g. '{\"max_steps\": 100, \"bf16\": true}'")
 
 
-def _cli_fields() -> list[dataclasses.Field]:
-    """Our script fields, then every SFTConfig field, with resolved types (what HfArgumentParser needs)."""
-    from typing import get_type_hints
-
-    from trl import SFTConfig
-
-    out: list[dataclasses.Field] = []
-    for cls in (FinetuneScriptArguments, SFTConfig):
-        hints = get_type_hints(cls)
-        for field in dataclasses.fields(cls):
-            if not field.init or field.name in _SKIPPED_SFT_FIELDS or any(f.name == field.name for f in out):
-                continue
-            field = copy.copy(field)
-            field.type = hints[field.name]
-            out.append(field)
-    return out
-
-
-def _cli_default(field: dataclasses.Field) -> Any:
-    if field.name in _CLI_DEFAULTS:
-        return _CLI_DEFAULTS[field.name]
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return field.default_factory()  # type: ignore[misc]
-    return None
-
-
-def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--model`, `--data`, `--modality`, `--output-dir`, `--epochs`, `--merge`, LoRA options, every SFTConfig field, `--config`."""
-    from transformers import HfArgumentParser
-
-    parser.add_argument("--config", help="YAML file of any of these options (command-line values win)")
-    for field in _cli_fields():
-        HfArgumentParser._parse_dataclass_field(parser, field)
-    parser.set_defaults(**_CLI_DEFAULTS)
-
-
-def _apply_config_file(args: argparse.Namespace, fields: list[dataclasses.Field]) -> None:
-    """Fill options left at their default from the YAML `--config` file, like `trl.TrlParser` does."""
-    from .training import read_config_file
-
-    values = read_config_file(args.config)
-    by_name = {f.name: f for f in fields}
-    for key, value in values.items():
-        name = "epochs" if key.replace("-", "_") == "num_train_epochs" else key.replace("-", "_")
-        if name not in by_name:
-            raise ValueError(f"{args.config}: unknown option {key!r}")
-        if getattr(args, name, None) in (None, _cli_default(by_name[name])):
-            setattr(args, name, value)
-
-
-def run_finetune(args: argparse.Namespace) -> int:
+def run_finetune(args: FinetuneArguments) -> int:
     """Run `fimmia-hf finetune` from parsed arguments; prints the output folder."""
-    fields = _cli_fields()
-    if getattr(args, "config", None):
-        _apply_config_file(args, fields)
-    for required in ("model", "data", "output_dir"):
-        if not getattr(args, required, None):
-            raise ValueError(f"--{required.replace('_', '-')} is required (on the command line or in --config)")
-    script = {f.name for f in dataclasses.fields(FinetuneScriptArguments)}
-    training = {}
-    for field in fields:
-        if field.name in script or field.name in ("output_dir", "learning_rate"):
-            continue
-        value = getattr(args, field.name, None)
-        if value != _cli_default(field):  # only what the user set; finetune() keeps the recipe's values
-            training[field.name] = value
-    modality = args.modality or None
-    train = load_samples(args.data, modality=modality)
+    from .training import json_object
+
+    train = load_samples(args.data, modality=args.modality)
     if args.members_only:
         if "label" not in train.column_names:
             raise ValueError(f"{args.data}: --members-only needs a 'label' column")
         train = train.filter(lambda row: row["label"] == 1)
+    training = {
+        "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "seed": args.seed, **json_object(args.training_args, "training-args"),
+    }
     out = finetune(
         args.model,
         train,
-        eval=args.eval_data,
-        output_dir=args.output_dir,
+        eval=args.eval,
+        output_dir=args.out,
         epochs=args.epochs,
         learning_rate=args.learning_rate,
         merge=args.merge,
-        modality=modality,
+        modality=args.modality,
         lora={
             "r": args.lora_r,
             "lora_alpha": args.lora_alpha,
             "lora_dropout": args.lora_dropout,
             "target_modules": list(args.lora_target_modules),
+            "modules_to_save": list(args.modules_to_save) or None,
         },
         answer_only=args.answer_only,
         include_closing_tokens=args.include_closing_tokens,
+        system_prompt=args.system_prompt,
+        max_length=args.max_length,
         num_frames=args.num_frames,
         **training,
     )

@@ -9,16 +9,21 @@ as model-index eval results. Tokens are passed through, never printed or written
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from transformers.hf_argparser import HfArg
+
+from .configuration_fimmia import COMPONENTS, split_reference
 
 METRIC_NAMES = {
     "auc": "AUC",
@@ -44,18 +49,39 @@ def _template(name: str) -> str:
 
 
 def _hub_id(value: Any) -> str | None:
-    """A Hub repo id (``owner/name``) usable as card metadata; local paths and objects give None."""
-    if isinstance(value, str) and _REPO_ID.match(value) and not os.path.exists(value):
-        return value
-    return None
+    """The Hub repo id (``owner/name``, from ``owner/name@revision`` too) usable as card metadata; local paths and
+    objects give None."""
+    if not isinstance(value, str) or os.path.exists(value):
+        return None
+    repo_id = split_reference(value)[0]
+    return repo_id if _REPO_ID.match(repo_id) else None
 
 
 def _describe_component(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, (str, os.PathLike)):
-        return _hub_id(str(value)) or f"local folder `{Path(value).name}`"
+        return (value if _hub_id(str(value)) else None) or f"local folder `{Path(value).name}`"
     return type(value).__name__
+
+
+def _hub_components(cfg: Any, hub_ids: Mapping[str, str]) -> dict[str, str]:
+    """The component references a pushed config records: each local folder replaced by its Hub id from
+    ``hub_ids``; a local folder without one is refused (it would resolve nowhere but on this machine)."""
+    unknown = sorted(set(hub_ids) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"hub_ids: unknown components {unknown}; expected some of {list(COMPONENTS)}")
+    bad = {k: v for k, v in hub_ids.items() if not _hub_id(v)}
+    if bad:
+        raise ValueError(f"hub_ids must be Hub ids like 'owner/name' or 'owner/name@revision', got {bad}")
+    out = dict(hub_ids)
+    local = {k: v for k in COMPONENTS if k not in out and (v := getattr(cfg, k, None)) is not None and not _hub_id(v)}
+    if local:
+        listed = ", ".join(f"{k} = {v}" for k, v in local.items())
+        flags = " ".join(f"--{k.replace('_', '-')} OWNER/NAME" for k in local)
+        raise ValueError(f"the detector records local folders as components ({listed}); a pushed detector must "
+                         f"name them by Hub id: pass hub_ids={{...}} (CLI: {flags})")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -198,7 +224,7 @@ def render_model_card(model: Any, repo_id: str, metrics: Mapping[str, Any] | Non
     model_name = repo_id.split("/")[-1]
     data = ModelCardData(
         library_name="transformers", license=card.get("license"), tags=tags,
-        target_model=base,  # not `base_model`: a detector is not derived from the model it audits
+        base_model=base, target_model=base,  # the model it audits (the Hub links base_model)
         model_name=model_name, eval_results=_eval_results(norm, rows) or None,
         datasets=[d for d in [_hub_id(norm["dataset"])] if d] or None,
     )
@@ -227,6 +253,19 @@ def render_model_card(model: Any, repo_id: str, metrics: Mapping[str, Any] | Non
 
 
 # ---------------------------------------------------------------------------------------------- detectors
+@contextlib.contextmanager
+def _config_values(cfg: Any, values: Mapping[str, Any]) -> Iterator[None]:
+    """``values`` set on ``cfg`` for the block only: the caller's detector keeps what it records."""
+    before = {k: getattr(cfg, k) for k in values}
+    try:
+        for key, value in values.items():
+            setattr(cfg, key, value)
+        yield
+    finally:
+        for key, value in before.items():
+            setattr(cfg, key, value)
+
+
 def _as_model(model: Any) -> Any:
     if isinstance(model, (str, os.PathLike)):
         return load_detector(model)
@@ -244,19 +283,24 @@ def push_detector(
     private: bool | None = None,
     token: str | None = None,
     commit_message: str | None = None,
+    hub_ids: Mapping[str, str] | None = None,
 ) -> Any:
     """Upload a detector (object or saved folder) with its model card to ``repo_id``; returns the commit info.
 
     ``metrics``: a ``membership_metrics`` dict (optionally with ``"blind"``), a ``report.json`` dict, or a path
-    to either as JSON; default: the validation metrics recorded by training.
+    to either as JSON; default: the validation metrics recorded by training. ``hub_ids``: the Hub id
+    (``owner/name[@revision]``) of each component the detector records as a local folder, e.g.
+    ``{"target_model": "Qwen/Qwen2.5-VL-3B-Instruct"}``; a local component without one is refused.
     """
     model = _as_model(model)
+    components = _hub_components(model.config, hub_ids or {})
     if isinstance(metrics, (str, os.PathLike)):
         metrics = json.loads(Path(metrics).read_text(encoding="utf-8"))
     api = _api(api, token)
-    card = render_model_card(model, repo_id, metrics)
     with tempfile.TemporaryDirectory(prefix="fimmia-push-") as tmp:
-        model.save_pretrained(tmp)  # safetensors + config + remote-code files
+        with _config_values(model.config, components):
+            card = render_model_card(model, repo_id, metrics)
+            model.save_pretrained(tmp)  # safetensors + config + remote-code files
         card.save(os.path.join(tmp, "README.md"))
         api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True, token=token)
         return api.upload_folder(
@@ -375,35 +419,52 @@ def load_features(
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def add_push_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", required=True, help="saved detector folder (from `fimmia-hf train`)")
-    parser.add_argument("--repo-id", required=True, help="Hub repo to create or update, e.g. me/fimmia-qwen2.5-vl")
-    parser.add_argument("--metrics", help="JSON with membership_metrics output or a report.json (default: training metrics)")
-    parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument("--features", help="also push this scored dataset (folder or table) ...")
-    parser.add_argument("--features-repo-id", help="... to this dataset repo (default: <repo-id>-features)")
-    parser.add_argument("--commit-message", help="commit message")
-    return parser
+_COMPONENT_HELP = "Hub id of the {} (id or id@revision), where the detector records a local folder"
 
 
-def run_push(args: argparse.Namespace, *, api: Any = None) -> int:
-    """`fimmia-hf push`: the token comes from the environment / `hf auth login`, never from the command line."""
+@dataclasses.dataclass
+class PushArguments:
+    """`fimmia-hf push`."""
+
+    EXAMPLE: ClassVar[str] = ("fimmia-hf push --model detector --repo-id me/fimmia-qwen2.5-vl "
+                              "--target-model Qwen/Qwen2.5-VL-3B-Instruct --metrics report/report.json")
+    model: str = HfArg(help="saved detector folder (from `fimmia-hf train`)")
+    repo_id: str = HfArg(help="Hub repo to create or update, e.g. me/fimmia-qwen2.5-vl")
+    metrics: str | None = HfArg(
+        default=None, help="JSON with membership_metrics output or a report.json (default: training metrics)")
+    private: bool = HfArg(default=False, help="create the repo private")
+    features: str | None = HfArg(default=None, help="also push this scored dataset (folder or table) ...")
+    features_repo_id: str | None = HfArg(default=None, help="... to this dataset repo (default: <repo-id>-features)")
+    commit_message: str | None = HfArg(default=None, help="commit message")
+    target_model: str | None = HfArg(default=None, help=_COMPONENT_HELP.format("target model"))
+    neighbor_model: str | None = HfArg(default=None, help=_COMPONENT_HELP.format("infilling model"))
+    embedding_model: str | None = HfArg(default=None, help=_COMPONENT_HELP.format("text-embedding model"))
+    media_embedding_model: str | None = HfArg(default=None, help=_COMPONENT_HELP.format("media-embedding model"))
+
+
+def run_push(args: PushArguments, *, api: Any = None) -> int:
+    """`fimmia-hf push`: the token comes from the environment / `hf auth login`, never from the command line.
+    A Hub that cannot be reached (offline mode, no network, refused token) is one line, not a traceback."""
     model = load_detector(args.model)
-    info = push_detector(model, args.repo_id, api=api, metrics=args.metrics, private=args.private or None,
-                         commit_message=args.commit_message)
-    out = {"model": str(getattr(info, "commit_url", None) or args.repo_id)}
-    print(f"pushed detector to {out['model']}")
-    if args.features:
-        repo = args.features_repo_id or f"{args.repo_id}-features"
-        finfo = push_features(args.features, repo, api=api, private=args.private or None,
-                              target_model=_hub_id(getattr(model.config, "target_model", None)))
-        out["features"] = str(getattr(finfo, "commit_url", None) or repo)
-        print(f"pushed features to {out['features']}")
+    hub_ids = {name: getattr(args, name) for name in COMPONENTS if getattr(args, name)}
+    try:
+        info = push_detector(model, args.repo_id, api=api, metrics=args.metrics, private=args.private or None,
+                             commit_message=args.commit_message, hub_ids=hub_ids)
+        print(f"pushed detector to {getattr(info, 'commit_url', None) or args.repo_id}")
+        if args.features:
+            repo = args.features_repo_id or f"{args.repo_id}-features"
+            finfo = push_features(args.features, repo, api=api, private=args.private or None,
+                                  target_model=_hub_id(getattr(model.config, "target_model", None)))
+            print(f"pushed features to {getattr(finfo, 'commit_url', None) or repo}")
+    except OSError as err:  # huggingface_hub's offline and HTTP errors are OSErrors
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"could not push to the Hub: {str(err).splitlines()[0]}") from err
     return 0
 
 
 __all__ = [
-    "add_push_arguments",
+    "PushArguments",
     "load_detector",
     "load_features",
     "normalize_metrics",

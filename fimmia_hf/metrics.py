@@ -193,6 +193,8 @@ def membership_metrics(
         raise ValueError(f"fprs must be in (0, 1), got {tuple(fprs)}")
     if n_bootstrap < 0:
         raise ValueError("n_bootstrap must be >= 0")
+    if not 0.0 < confidence < 1.0:  # outside, numpy fails obscurely or the interval comes out inverted
+        raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}")
     rng = np.random.default_rng(seed)
     result = _single(y, s, fprs, n_bootstrap, rng, confidence)
     if groups is not None:
@@ -233,7 +235,7 @@ def plot_roc(
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state is touched
 
     scales = ["linear", "log"] if log == "both" else (["log"] if log else ["linear"])
-    fig = Figure(figsize=(5.5 * len(scales), 5))
+    fig = Figure(figsize=(5.5 * len(scales), 5 + 0.12 * len(curves)), layout="constrained")
     axes = fig.subplots(1, len(scales), squeeze=False)[0]
     computed = {name: roc_curve_exact(*map(np.asarray, pair)) for name, pair in curves.items()}
     n_neg_max = max(int(np.asarray(pair[0]).size - np.asarray(pair[0]).sum()) for pair in curves.values())
@@ -261,10 +263,11 @@ def plot_roc(
         ax.set_ylabel("True positive rate (members found)")
         ax.set_title(f"{title + ' — ' if title else ''}ROC ({'log-log' if scale == 'log' else 'linear'})")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+    # one legend, below the panels: inside the axes it covers the curves
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=min(2, len(names)), fontsize=8, frameon=False)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     fig.savefig(out, dpi=120, format="png")
     return out
 
@@ -285,8 +288,9 @@ def json_safe(value: Any) -> Any:
 
 
 def evaluate_module_path() -> str:
-    """Path of the bundled ``evaluate`` metric script: ``evaluate.load(evaluate_module_path())`` works offline."""
-    return str(Path(__file__).parent / "metrics_module" / "membership_metrics.py")
+    """Folder of the bundled ``evaluate`` metric (``membership_metrics/membership_metrics.py``, the layout
+    ``evaluate.load`` expects of a local folder): ``evaluate.load(evaluate_module_path())`` works offline."""
+    return str(Path(__file__).parent / "membership_metrics")
 
 
 __all__ = ["FPR_AT_TPR_KEY", "evaluate_module_path", "fpr_key", "json_safe", "membership_metrics", "plot_roc", "roc_curve_exact"]

@@ -31,6 +31,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_fimmia import FiMMIAConfig, PickledWeightsError, refuse_pickled_weights
 
+
 @dataclass
 class MembershipInferenceOutput(ModelOutput):
     """Output of :class:`FiMMIAForMembershipInference`.
@@ -254,6 +255,13 @@ class FiMMIAForMembershipInference(PreTrainedModel):
             out = (logits, scores)
             return ((loss,) + out) if loss is not None else out
         return MembershipInferenceOutput(loss=loss, logits=logits, scores=scores)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Also name ``AutoModel`` in ``auto_map`` (``register_for_auto_class`` records one class), so both
+        ``AutoModel`` and ``AutoModelForSequenceClassification`` load the remote code where fimmia_hf is absent."""
+        name = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": name}
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_original_checkpoint(

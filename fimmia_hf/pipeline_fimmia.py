@@ -183,7 +183,10 @@ class MembershipInferencePipeline(Pipeline):
             return self._stages[role]
         spec = self.components[role]
         kwargs = dict(self.stage_kwargs[role])
-        if isinstance(spec, (str, os.PathLike)):  # the stage loads it: on the pipeline's device
+        if isinstance(spec, (str, os.PathLike)):  # the stage loads it: on the pipeline's device, at its revision
+            spec, revision = _fimmia("configuration_fimmia").split_reference(os.fspath(spec))
+            if revision:
+                kwargs.setdefault("revision", revision)
             kwargs.setdefault("device", str(self.device))
         if spec is not None and hasattr(spec, "apply"):
             stage = spec
@@ -351,6 +354,7 @@ class MembershipInferencePipeline(Pipeline):
         if size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
+        rows, where = self._unique(rows)
         rows = self._prepare(rows)
         results: list[dict[str, Any]] = []
         for start in range(0, len(rows), size):
@@ -360,7 +364,27 @@ class MembershipInferencePipeline(Pipeline):
         if return_features:
             for result, row in zip(results, rows):
                 result["features"] = self._features(row)
+        results = [dict(results[i]) for i in where]
         return results[0] if single else results
+
+    @staticmethod
+    def _unique(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+        """The distinct samples among ``rows`` (same text, answer, media bytes, ds_name and sample_id: one sample,
+        scored once) and, for each row, the index of its sample, so every result comes back in place."""
+        digest = _fimmia("stage").media_digest
+        keys: dict[Any, int] = {}
+        unique, where = [], []
+        for row in rows:
+            if row.get("input") is None:  # rows of ready features are never merged
+                key: Any = len(where)
+            else:
+                media = next((row[k] for k in MEDIA_KEYS if row.get(k) is not None), None)
+                key = (row.get("sample_id"), row.get("ds_name"), row["input"], row.get("answer"), digest(media))
+            if key not in keys:
+                keys[key] = len(unique)
+                unique.append(row)
+            where.append(keys[key])
+        return unique, where
 
     def _features(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """Stage columns of a row plus its delta features (and the combined head's statistics), as plain lists."""

@@ -8,17 +8,20 @@ over the best of them, and warns loudly when any of them reaches AUC >= 0.6.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 import numpy as np
+from transformers.hf_argparser import HfArg
 
 from . import attacks, shift
-from .data import SampleError, labels_of
+from .data import SampleError, labels_of, table_column, table_columns
 from .metrics import json_safe, membership_metrics, plot_roc
 
 SHIFT_WARNING_AUC = 0.6
@@ -113,8 +116,11 @@ def build_report(
 
     classic = sorted((n for n, m in methods.items() if m["kind"] == "classic attack"), key=lambda n: -methods[n]["auc"])
     detectors = [n for n, m in methods.items() if m["kind"] == "detector"]
-    plotted = detectors + classic[:4] + sorted(blind_names, key=lambda n: -methods[n]["auc"])[:3]
-    plot_roc({n: (labels, scores_of[n]) for n in plotted}, out_dir / "roc.png", log="both", title=title)
+    ties = tied_methods(scores_of, classic)
+    shown = {group[0]: tie_name(group, test) for group in ties}  # a tied group: its first member, named for all
+    classic_shown = [n for n in classic if n in shown or not any(n in g for g in ties)]
+    plotted = detectors + classic_shown[:4] + sorted(blind_names, key=lambda n: -methods[n]["auc"])[:3]
+    plot_roc({shown.get(n, n): (labels, scores_of[n]) for n in plotted}, out_dir / "roc.png", log="both", title=title)
 
     report = {
         "title": title,
@@ -124,6 +130,7 @@ def build_report(
         "best_classic_attack": classic[0] if classic else None,
         "best_blind_baseline": best_blind,
         "lift_over_best_blind": lift,
+        "ties": [{"methods": group, "name": shown[group[0]]} for group in ties],
         "blind_evaluation": shift.describe_evaluation(blind),
         # sample-size warnings are the same for every method: state each once
         "warnings": warnings + list(dict.fromkeys(w for m in methods.values() for w in m.get("warnings", []))),
@@ -135,6 +142,27 @@ def build_report(
     (out_dir / "report.json").write_text(json.dumps(json_safe(saved), indent=2, ensure_ascii=False))
     (out_dir / "report.md").write_text(_markdown(report, methods, detectors, classic, blind_names))
     return report
+
+
+def tied_methods(scores_of: Mapping[str, np.ndarray], names: Sequence[str]) -> list[list[str]]:
+    """Groups (of two or more, in the order of ``names``) of methods that rank every sample alike: their ROC
+    curves and every metric are the same, so they are one curve and one row."""
+    from scipy.stats import rankdata
+
+    groups: dict[bytes, list[str]] = {}
+    for name in names:
+        groups.setdefault(rankdata(scores_of[name]).tobytes(), []).append(name)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def tie_name(group: Sequence[str], test: Any) -> str:
+    """One name for tied methods: ``loss = zlib = min_k_*`` (a family's settings starred), with the reason when
+    it is the usual one, answers of one token (where every per-token statistic is the loss)."""
+    families = dict.fromkeys(re.sub(r"(_k?\d+)+$", "_*", name) for name in group)
+    name = " = ".join(families)
+    lengths = {len(v) for v in table_column(test, "token_logprobs") if v is not None} \
+        if "token_logprobs" in table_columns(test) else set()
+    return f"{name}: one-token answers" if lengths == {1} else name
 
 
 def _shift_warning(methods: dict, blind_names: list[str]) -> str | None:
@@ -154,6 +182,9 @@ def _shift_warning(methods: dict, blind_names: list[str]) -> str | None:
 
 
 def _markdown(report: dict, methods: dict, detectors: list[str], classic: list[str], blind_names: list[str]) -> str:
+    merged = {n for tie in report["ties"] for n in tie["methods"][1:]}  # a tied group is one row, its first
+    named = {tie["methods"][0]: tie["name"].split(":")[0] for tie in report["ties"]}
+    classic = [n for n in classic if n not in merged]
     order = detectors + classic + sorted(blind_names, key=lambda n: -methods[n]["auc"])
     order += [n for n, m in methods.items() if m["kind"] == "sanity check"]
     parts = [f"# {report['title']}", ""]
@@ -164,8 +195,10 @@ def _markdown(report: dict, methods: dict, detectors: list[str], classic: list[s
         "Metrics are exact (step ROC, no interpolation); intervals are 95 % stratified bootstrap.",
         "",
         *([report["blind_evaluation"], ""] if report.get("blind_evaluation") else []),
-        _table([(n, methods[n]["kind"], methods[n]) for n in order]),
+        _table([(named.get(n, n), methods[n]["kind"], methods[n]) for n in order]),
         "",
+        *[f"Tied: {', '.join(tie['methods'])} rank every sample alike ({tie['name']}), so they share one row and "
+          "one ROC curve." for tie in report["ties"]],
     ]
     lift = report["lift_over_best_blind"]
     if lift:
@@ -189,26 +222,41 @@ def _markdown(report: dict, methods: dict, detectors: list[str], classic: list[s
     return "\n".join(parts) + "\n"
 
 
-def add_evaluate_arguments(parser: Any) -> None:
-    parser.add_argument("--test", required=True, help="scored test split (save_to_disk folder or Parquet) with `label`")
-    parser.add_argument("--model", help="trained detector folder or Hub id (omit to report only attacks and baselines)")
-    parser.add_argument(
-        "--ablation", action="append", default=[], metavar="NAME=DIR",
-        help="another detector to report beside it, e.g. 'loss-only=runs/loss_only' (repeatable)",
-    )
-    parser.add_argument("--train", help="training split: the blind baselines are fitted on it and scored on --test")
-    parser.add_argument("--modality", choices=("image", "audio", "video", "text"), help="default: from the media column")
-    parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
-    parser.add_argument("--title", default="Membership inference report")
-    parser.add_argument("--out", required=True, help="folder for report.md, report.json and roc.png")
+@dataclasses.dataclass
+class EvaluateArguments:
+    """`fimmia-hf evaluate`."""
+
+    EXAMPLE: ClassVar[str] = ("fimmia-hf evaluate --model detector --test-base test_base --test-finetuned test_finetuned "
+                              "--ablation loss-only=runs/loss_only --out report")
+    out: str = HfArg(help="folder for report.md, report.json and roc.png")
+    test: str | None = HfArg(
+        default=None, help="scored test split (save_to_disk folder or Parquet) with a 'label' column")
+    test_base: str | None = HfArg(default=None, help="paired protocol: test samples scored by the base model")
+    test_finetuned: str | None = HfArg(
+        default=None, help="paired protocol: the same test samples scored by the fine-tuned model")
+    model: str | None = HfArg(
+        default=None, help="trained detector folder or Hub id (omit to report only attacks and baselines)")
+    ablation: list[str] = HfArg(default_factory=list, metadata={"metavar": "NAME=DIR"},
+                                help="other detectors to report beside it, e.g. loss-only=runs/loss_only")
+    train: str | None = HfArg(
+        default=None, help="training split: the blind baselines are fitted on it and scored on the test split")
+    train_base: str | None = HfArg(default=None, help="paired protocol: training samples scored by the base model")
+    train_finetuned: str | None = HfArg(
+        default=None, help="paired protocol: the same training samples scored by the fine-tuned model")
+    modality: str | None = HfArg(default=None, metadata={"choices": ("image", "audio", "video", "text")},
+                                 help="the samples' modality (default: from the media column)")
+    n_bootstrap: int = HfArg(default=1000, help="bootstrap resamples for the confidence intervals")
+    seed: int = HfArg(default=0, help="seed of the bootstrap and the blind baselines")
+    title: str = HfArg(default="Membership inference report", help="title of the report")
 
 
-def run_evaluate(args: Any) -> int:
-    from .data import read_table
-    from .training import predict
+def run_evaluate(args: EvaluateArguments) -> int:
+    from .training import load_protocol, predict
 
-    test = read_table(args.test)
-    train = read_table(args.train) if args.train else None
+    test = load_protocol(args.test, args.test_base, args.test_finetuned, "test")
+    if test is None:
+        raise ValueError("no test data: give --test, or --test-base and --test-finetuned")
+    train = load_protocol(args.train, args.train_base, args.train_finetuned, "train")
     detectors = {"FiMMIA": args.model} if args.model else {}
     for item in args.ablation:
         name, sep, path = item.partition("=")
@@ -218,7 +266,7 @@ def run_evaluate(args: Any) -> int:
     scores = {name: np.asarray(predict(path, test)["score"]) for name, path in detectors.items()}
     report = build_report(
         test, out_dir=args.out, detector_scores=scores, train=train, modality=args.modality,
-        n_bootstrap=args.n_bootstrap, title=args.title,
+        n_bootstrap=args.n_bootstrap, seed=args.seed, title=args.title,
     )
     print((Path(args.out) / "report.md").read_text())
     for warning in report["warnings"]:

@@ -85,6 +85,21 @@ def file_hash(path: str | os.PathLike) -> str:
     return _file_hashes[key]
 
 
+def media_digest(value: Any) -> str:
+    """Content hash of one media value as a row holds it: a file path, a ``{"path", "bytes"}`` struct, bytes, or a
+    decoded object (PIL image, array); "" for none. Unreadable files hash as "unreadable" (the stage that reads
+    them reports it, naming the row)."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (str, os.PathLike)):
+        return _content_key(os.fspath(value))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(value).hexdigest()[:32]
+    if hasattr(value, "tobytes"):
+        return hashlib.sha256(value.tobytes()).hexdigest()[:32]
+    return ""
+
+
 def folder_hash(path: str | os.PathLike) -> str:
     """Content hash of the model files in a local folder (weights, configs, tokenizer, adapter)."""
     path = Path(path)

@@ -6,14 +6,12 @@ split only, keeps the checkpoint with the best validation AUC, calibrates decisi
 rate on the validation split, records what the model card needs in ``config.card_data`` and saves the model. It
 runs unchanged under ``accelerate launch`` (Trainer handles the processes).
 
-CLI entry points (wired into ``fimmia-hf train`` / ``fimmia-hf predict``): ``add_train_arguments`` +
-``run_train`` and ``add_predict_arguments`` + ``run_predict``; arguments come from the command line or a
-YAML file (``--config``), the command line winning, as in TRL.
+CLI entry points (wired into ``fimmia-hf train`` / ``fimmia-hf predict``): ``TrainArguments`` + ``run_train``
+and ``PredictArguments`` + ``run_predict``, parsed by ``fimmia_hf.cli`` (the command line wins over ``--config``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -21,9 +19,10 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from transformers.hf_argparser import HfArg
 
 from .configuration_fimmia import STAGE_SETTINGS, FiMMIAConfig, fpr_key
 from .features import (
@@ -413,7 +412,17 @@ def train_detector(
     # Trainer pickles its arguments beside the weights; the card data already records them, and a
     # detector folder should hold nothing that needs unpickling
     Path(output_dir, "training_args.bin").unlink(missing_ok=True)
+    if trainer.is_world_process_zero():
+        _write_model_card(trained, Path(output_dir))
     return trained
+
+
+def _write_model_card(model: Any, folder: Path) -> None:
+    """The card travels with the folder (and is rendered again, with the Hub id, by `push_detector`): eval
+    results from the validation split when there is one, the calibrated thresholds."""
+    from .hub import render_model_card
+
+    render_model_card(model, str(folder.resolve())).save(str(folder / "README.md"))
 
 
 # --------------------------------------------------------------------------------------------- prediction
@@ -454,213 +463,131 @@ def predict(model: Any, ds: Any, *, batch_size: int = 64, device: str | None = N
 
 
 # --------------------------------------------------------------------------------------------- CLI
-@dataclasses.dataclass
-class TrainConfig:
-    """Arguments of ``fimmia-hf train`` (also the keys of its YAML ``--config``)."""
-
-    output_dir: str | None = None
-    train: str | None = None
-    eval: str | None = None
-    train_base: str | None = None
-    train_finetuned: str | None = None
-    eval_base: str | None = None
-    eval_finetuned: str | None = None
-    eval_size: float = 0.0
-    head: str = "fimmia"
-    loss_norm: str = "std"
-    seed: int = 0
-    num_train_epochs: float = 10.0
-    learning_rate: float = 1e-3
-    per_device_train_batch_size: int = 16
-    per_device_eval_batch_size: int = 64
-    target_model: str | None = None
-    neighbor_model: str | None = None
-    embedding_model: str | None = None
-    media_embedding_model: str | None = None
-    modality: str | None = None
-    neighbor_kwargs: dict | None = None
-    embedding_kwargs: dict | None = None
-    media_embedding_kwargs: dict | None = None
-    scorer_kwargs: dict | None = None
-    threshold: float = 0.5
-    training_args: dict = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class PredictConfig:
-    """Arguments of ``fimmia-hf predict`` (also the keys of its YAML ``--config``)."""
-
-    model: str | None = None
-    data: str | None = None
-    base: str | None = None
-    finetuned: str | None = None
-    output: str | None = None
-    metrics: str | None = None
-    batch_size: int = 64
-    n_bootstrap: int = 1000
-    seed: int = 0
-
-
-_HELP = {
-    "output_dir": "folder for checkpoints and the final detector",
-    "train": "scored member/non-member samples with a 'label' column (save_to_disk folder or .parquet)",
-    "eval": "scored validation samples (same format); the best checkpoint by validation AUC is kept",
-    "train_base": "paired protocol: training samples scored by the base model (label 0)",
-    "train_finetuned": "paired protocol: the same samples scored by the fine-tuned model (label 1)",
-    "eval_base": "paired protocol: validation samples scored by the base model",
-    "eval_finetuned": "paired protocol: validation samples scored by the fine-tuned model",
-    "eval_size": "without eval data, hold out this fraction of training samples (split by sample_id)",
-    "head": "fimmia | loss_only | embedding_only (blind control) | combined (the deltas plus the sample's own "
-    "statistics: loss, zlib, Min-K%%++, MaxRényi, neighbourhood...)",
-    "loss_norm": "none | std | minmax | periodic",
-    "training_args": "extra transformers.TrainingArguments as JSON, e.g. '{\"optim\": \"adafactor\"}'",
-    "neighbor_kwargs": "the neighbour settings the features were made with, as JSON (e.g. '{\"seed\": 3}'); "
-    "stored in the detector so the pipeline makes its neighbours the same way",
-    "embedding_kwargs": "the text-embedding settings the features were made with, as JSON (stored for the pipeline)",
-    "media_embedding_kwargs": "the media-embedding settings the features were made with, as JSON (stored for the pipeline)",
-    "scorer_kwargs": "the scoring settings the losses were made with, as JSON (e.g. '{\"include_closing_tokens\": true}')",
-    "model": "detector folder or Hub id",
-    "data": "scored samples to predict (save_to_disk folder or .parquet)",
-    "base": "paired protocol: samples scored by the base model",
-    "finetuned": "paired protocol: the same samples scored by the fine-tuned model",
-    "output": "predictions file (.parquet or .csv): sample_id, ds_name, label, score",
-    "metrics": "metrics JSON (default: <output stem>.metrics.json)",
-    "n_bootstrap": "bootstrap resamples for the metric confidence intervals",
-}
-
-
-def _json_object(text: str) -> dict:
-    """A JSON object given on the command line, with a message that says what is wrong."""
+def json_object(value: str | dict | None, flag: str) -> dict:
+    """A JSON object given on the command line (or a mapping from the YAML file), with a message that says what
+    is wrong with it."""
+    if value is None or isinstance(value, dict):
+        return dict(value or {})
     try:
-        value = json.loads(text)
+        parsed = json.loads(value)
     except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from err
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"seed\": 3}}', got {text!r}")
-    return value
+        raise ValueError(f"--{flag}: not valid JSON ({err}): {value!r}") from err
+    if not isinstance(parsed, dict):
+        raise ValueError(f"--{flag}: expected a JSON object such as '{{\"seed\": 3}}', got {value!r}")
+    return parsed
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str] | None = None) -> None:
-    """One ``--flag`` per field of ``cls`` (help texts from ``helps``), all defaulting to None so that YAML values
-    apply unless given on the line; a bool field gets ``--flag`` / ``--no-flag``."""
-    helps = _HELP if helps is None else helps
-    parser.add_argument("--config", default=None, help="YAML file with any of the arguments below")
-    for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
-        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-        if kind == "bool":
-            text = helps.get(field.name, field.name.replace("_", " ")) + f" (default: {field.default})"
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=text)
-            continue
-        if "dict" in kind:
-            parse: Any = _json_object
-        elif "float" in kind:
-            parse = float
-        elif "int" in kind:
-            parse = int
-        else:
-            parse = str
-        default = field.default if field.default is not dataclasses.MISSING else "{}"
-        text = helps.get(field.name, field.name.replace("_", " "))
-        if "default" not in text:
-            text += f" (default: {default})"
-        parser.add_argument(flag, dest=field.name, type=parse, default=None, help=text)
+_SETTINGS_HELP = "the {} settings the features were made with, as JSON (stored so the pipeline works the same way)"
 
 
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The mapping of option names to values in a YAML `--config` file; bad YAML names its line and column."""
-    import yaml
+@dataclasses.dataclass
+class TrainArguments:
+    """`fimmia-hf train`."""
 
-    try:
-        with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise ValueError(f"{path}: not valid YAML: {where}{getattr(err, 'problem', None) or err}") from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of option names to values, got a {type(loaded).__name__}")
-    return loaded
+    EXAMPLE: ClassVar[str] = ("fimmia-hf train --train-base base_scored --train-finetuned finetuned_scored "
+                              "--eval-size 0.2 --target-model Qwen/Qwen2.5-VL-3B-Instruct --out detector")
+    out: str = HfArg(help="folder for checkpoints, the final detector and its model card (README.md)")
+    train: str | None = HfArg(
+        default=None, help="scored member/non-member samples with a 'label' column (save_to_disk folder or .parquet)")
+    eval: str | None = HfArg(default=None, help="scored validation samples (same format); the best checkpoint by "
+                             "validation AUC is kept and the decision thresholds are calibrated on them")
+    train_base: str | None = HfArg(default=None, help="paired protocol: training samples scored by the base model")
+    train_finetuned: str | None = HfArg(
+        default=None, help="paired protocol: the same samples scored by the fine-tuned model")
+    eval_base: str | None = HfArg(default=None, help="paired protocol: validation samples scored by the base model")
+    eval_finetuned: str | None = HfArg(
+        default=None, help="paired protocol: validation samples scored by the fine-tuned model")
+    eval_size: float = HfArg(
+        default=0.0, help="without eval data, hold out this share of training samples (split by sample_id)")
+    head: str = HfArg(default="fimmia", metadata={"choices": ("fimmia", "loss_only", "embedding_only", "combined")},
+                      help="fimmia | loss_only | embedding_only (blind control) | combined (the deltas plus the "
+                      "sample's own statistics: loss, zlib, Min-K%%++, MaxRényi, neighbourhood...)")
+    loss_norm: str = HfArg(default="std", metadata={"choices": ("none", "std", "minmax", "periodic")},
+                           help="normalisation of the loss deltas")
+    seed: int = HfArg(default=0, help="random seed (initialisation, data order, the eval split)")
+    epochs: float = HfArg(default=10.0, help="training epochs")
+    learning_rate: float = HfArg(default=1e-3, help="peak learning rate")
+    batch_size: int = HfArg(default=16, help="training samples per device and step")
+    eval_batch_size: int = HfArg(default=64, help="validation samples per device and step")
+    target_model: str | None = HfArg(
+        default=None, help="the target the samples were scored with (Hub id or folder; recorded for the pipeline)")
+    neighbor_model: str | None = HfArg(default=None, help="the infilling model of the neighbours (recorded)")
+    embedding_model: str | None = HfArg(default=None, help="the text-embedding model (recorded)")
+    media_embedding_model: str | None = HfArg(default=None, help="the media-embedding model (recorded)")
+    modality: str | None = HfArg(
+        default=None, metadata={"choices": ("image", "audio", "video", "text")}, help="the samples' modality")
+    neighbor_kwargs: str | None = HfArg(default=None, help=_SETTINGS_HELP.format("neighbour") + ", e.g. '{\"seed\": 3}'")
+    embedding_kwargs: str | None = HfArg(default=None, help=_SETTINGS_HELP.format("text-embedding"))
+    media_embedding_kwargs: str | None = HfArg(default=None, help=_SETTINGS_HELP.format("media-embedding"))
+    scorer_kwargs: str | None = HfArg(default=None, help=_SETTINGS_HELP.format("scoring"))
+    threshold: float = HfArg(default=0.5, help="score above which the pipeline says 'member'")
+    training_args: str | None = HfArg(
+        default=None, help="other transformers.TrainingArguments as JSON, e.g. '{\"optim\": \"adafactor\"}'")
 
 
-def resolve_arguments(cls: type, args: argparse.Namespace) -> Any:
-    """Dataclass defaults, overridden by the YAML file, overridden by flags given on the command line."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        loaded = read_config_file(args.config)
-        unknown = sorted(set(loaded) - names)
-        if unknown:
-            raise ValueError(f"{args.config}: unknown keys {unknown}; allowed: {sorted(names)}")
-        values.update(loaded)
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None:
-            values[name] = value
-    return cls(**values)
+@dataclasses.dataclass
+class PredictArguments:
+    """`fimmia-hf predict`."""
+
+    EXAMPLE: ClassVar[str] = "fimmia-hf predict --model detector --data test_scored --out predictions.parquet"
+    model: str = HfArg(help="detector folder or Hub id")
+    out: str = HfArg(help="predictions file (.parquet or .csv): sample_id, ds_name, label, score")
+    data: str | None = HfArg(default=None, help="scored samples to predict (save_to_disk folder or .parquet)")
+    base: str | None = HfArg(default=None, help="paired protocol: samples scored by the base model")
+    finetuned: str | None = HfArg(default=None, help="paired protocol: the same samples scored by the fine-tuned model")
+    metrics: str | None = HfArg(default=None, help="metrics JSON (default: <out stem>.metrics.json)")
+    batch_size: int = HfArg(default=64, help="samples per forward pass")
+    n_bootstrap: int = HfArg(default=1000, help="bootstrap resamples for the metric confidence intervals")
+    seed: int = HfArg(default=0, help="seed of the bootstrap")
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags of ``fimmia-hf train``."""
-    add_dataclass_arguments(parser, TrainConfig)
-    return parser
-
-
-def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags of ``fimmia-hf predict``."""
-    add_dataclass_arguments(parser, PredictConfig)
-    return parser
-
-
-def _protocol_data(single: str | None, base: str | None, finetuned: str | None, what: str) -> Any | None:
+def load_protocol(single: str | None, base: str | None, finetuned: str | None, prefix: str = "") -> Any | None:
+    """Scored data from the command line: one labelled table (`--data`, `--train`...), or the paired protocol's
+    two tables (`--base`/`--finetuned`, `--train-base`/`--train-finetuned`...). None when none is given."""
+    pair = f"--{prefix}-" if prefix else "--"
     if single and (base or finetuned):
-        raise ValueError(f"give either --{what} or --{what}-base/--{what}-finetuned, not both")
+        raise ValueError(f"give either --{prefix or 'data'} or {pair}base/{pair}finetuned, not both")
     if base or finetuned:
         if not (base and finetuned):
-            raise ValueError(f"the paired protocol needs both --{what}-base and --{what}-finetuned")
+            raise ValueError(f"the paired protocol needs both {pair}base and {pair}finetuned")
         return paired_dataset(load_scored(base), load_scored(finetuned))
     return load_scored(single) if single else None
 
 
-def run_train(args: argparse.Namespace) -> Path:
+def run_train(cfg: TrainArguments) -> Path:
     """``fimmia-hf train``: returns the output folder."""
-    cfg = resolve_arguments(TrainConfig, args)
-    if not cfg.output_dir:
-        raise ValueError("--output-dir is required")
-    train = _protocol_data(cfg.train, cfg.train_base, cfg.train_finetuned, "train")
+    detector_config: dict[str, Any] = {  # JSON options first: a typo fails before any data is read
+        "head": cfg.head, "loss_norm": cfg.loss_norm, "threshold": cfg.threshold,
+        **{k: getattr(cfg, k) for k in CONFIG_METADATA if k not in STAGE_SETTINGS},
+        **{k: json_object(getattr(cfg, k), k.replace("_", "-")) or None for k in STAGE_SETTINGS},
+    }
+    training_args = json_object(cfg.training_args, "training-args")
+    train = load_protocol(cfg.train, cfg.train_base, cfg.train_finetuned, "train")
     if train is None:
         raise ValueError("no training data: give --train, or --train-base and --train-finetuned")
-    eval_ds = _protocol_data(cfg.eval, cfg.eval_base, cfg.eval_finetuned, "eval")
+    eval_ds = load_protocol(cfg.eval, cfg.eval_base, cfg.eval_finetuned, "eval")
     if eval_ds is None and cfg.eval_size > 0:
         from .data import split_samples
 
         train, eval_ds = split_samples(train, test_size=cfg.eval_size, seed=cfg.seed)
-    detector_config: dict[str, Any] = {
-        "head": cfg.head, "loss_norm": cfg.loss_norm, "threshold": cfg.threshold,
-        **{k: getattr(cfg, k) for k in CONFIG_METADATA},
-    }
     train_detector(
-        train, eval_ds, config=detector_config, output_dir=cfg.output_dir, seed=cfg.seed,
-        num_train_epochs=cfg.num_train_epochs, learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
-        **cfg.training_args,
+        train, eval_ds, config=detector_config, output_dir=cfg.out, seed=cfg.seed,
+        num_train_epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
+        **training_args,
     )
-    print(f"detector saved to {cfg.output_dir}")
-    return Path(cfg.output_dir)
+    print(f"detector and its model card saved to {cfg.out}")
+    return Path(cfg.out)
 
 
-def run_predict(args: argparse.Namespace) -> dict[str, Any]:
+def run_predict(cfg: PredictArguments) -> dict[str, Any]:
     """``fimmia-hf predict``: writes predictions (Parquet or CSV) and a metrics JSON; returns the metrics."""
     from .metrics import json_safe, membership_metrics
 
-    cfg = resolve_arguments(PredictConfig, args)
-    if not cfg.model or not cfg.output:
-        raise ValueError("--model and --output are required")
-    out = Path(cfg.output)
+    out = Path(cfg.out)
     if out.suffix.lower() not in (".parquet", ".csv"):
-        raise ValueError(f"--output must end in .parquet or .csv, got {out}")
-    data = _protocol_data(cfg.data, cfg.base, cfg.finetuned, "data")
+        raise ValueError(f"--out must end in .parquet or .csv, got {out}")
+    data = load_protocol(cfg.data, cfg.base, cfg.finetuned)
     if data is None:
         raise ValueError("no data: give --data, or --base and --finetuned")
     scored = predict(cfg.model, data, batch_size=cfg.batch_size)
@@ -694,10 +621,9 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
 
 
 __all__ = [
-    "PredictConfig",
-    "TrainConfig",
-    "add_predict_arguments",
-    "add_train_arguments",
+    "PredictArguments",
+    "TrainArguments",
+    "load_protocol",
     "load_scored",
     "predict",
     "run_predict",

@@ -26,7 +26,7 @@ mkdir -p "$out"
 
 # 1. controlled members: SFT-LoRA (r=8, alpha=16, dropout 0.05 on q_proj/v_proj, lr 2e-4, 5 epochs)
 "${launch[@]}" finetune --modality "$modality" --model "$target" --data "$data" --members-only \
-  --output-dir "$out/leak" --epochs 5 --learning-rate 2e-4 --bf16 true
+  --out "$out/leak" --epochs 5 --learning-rate 2e-4 --training-args '{"bf16": true}'
 
 # 2. neighbours: K = 24 (6 per operation), FRED-T5 span filling
 fimmia-hf neighbors --data "$data" --model "$neighbor_model" --infill-style fred-t5 --num-neighbors 24 \
@@ -44,11 +44,11 @@ Query: " --out "$out/embedded"
 # 5. the attack network (paired protocol as the original: base = 0, fine-tuned = 1), split by sample
 "${launch[@]}" train --train-base "$out/scored_no_leak" --train-finetuned "$out/scored_leak" --eval-size 0.2 \
   --modality "$modality" --target-model "$target" --neighbor-model "$neighbor_model" \
-  --embedding-model "$embedding_model" --media-embedding-model "$media_model" --output-dir "$out/detector"
+  --embedding-model "$embedding_model" --media-embedding-model "$media_model" --out "$out/detector"
 
 # 6. inference with metrics (exact TPR@FPR with bootstrap CIs)
 fimmia-hf predict --model "$out/detector" --base "$out/scored_no_leak" --finetuned "$out/scored_leak" \
-  --output "$out/predictions.parquet"
+  --out "$out/predictions.parquet"
 
 # 7. member / non-member report with every classic attack and the blind baselines on the same split
 fimmia-hf evaluate --model "$out/detector" --test "$out/scored_leak" --out "$out/report"

@@ -131,7 +131,7 @@ def test_misaligned_token_columns_name_the_row():
         "token_mean_logprob": [[-1.0, -0.5], [-2.0]],
         "token_std_logprob": [[1.0, 1.0], [1.0, 1.0]],
     }
-    with pytest.raises(ValueError, match=r"row 1: .*token_mean_logprob"):
+    with pytest.raises(ValueError, match=r"row 2: .*token_mean_logprob"):  # numbered from 1, as load_samples does
         attacks.score_all(rows)
 
 
@@ -145,3 +145,36 @@ def test_dataset_and_dataframe_give_the_same_scores():
     for name, s in from_dict.items():
         np.testing.assert_allclose(from_ds[name], s)
         np.testing.assert_allclose(from_df[name], s)
+
+
+# -- issue 20: survivors of a mutation run (mutmut) on attacks.py -------------------------------------
+
+
+def test_token_columns_alone_give_the_token_attacks_only():
+    rows = {"token_logprobs": [[-1.0, -0.5], [-2.0, -3.0]], "token_entropy": [[1.0, 2.0], [0.5, 0.5]]}
+    scores = attacks.score_all(rows, k_grid=(0.5,), renyi_k_grid=(0.0,))
+    assert set(scores) == {"min_k_50", "max_renyi_1_k0"}
+    np.testing.assert_allclose(scores["min_k_50"], [-1.0, -3.0])
+    assert "loss" in attacks.missing_attacks(rows) and "zlib" in attacks.missing_attacks(rows)
+
+
+def test_max_renyi_infinity_from_max_probabilities_equals_that_from_max_logprobs():
+    """Tables written elsewhere may hold `token_max_prob`; Rényi order ∞ is -log max p either way."""
+    max_p = [[0.5, 0.25, 0.9], [0.1, 0.2]]
+    from_probs = attacks.score_all({"token_max_prob": max_p}, renyi_k_grid=(0.0, 1.0))
+    from_logs = attacks.score_all({"token_max_logprob": [np.log(p).tolist() for p in max_p]}, renyi_k_grid=(0.0, 1.0))
+    assert set(from_probs) == set(from_logs) == {"max_renyi_inf_k0", "max_renyi_inf_k100"}
+    for name in from_logs:
+        np.testing.assert_allclose(from_probs[name], from_logs[name])
+    np.testing.assert_allclose(from_probs["max_renyi_inf_k0"], [np.log(0.25), np.log(0.1)])
+
+
+def test_errors_name_the_column_and_the_row_numbered_from_one():
+    misaligned_std = {"token_logprobs": [[-1.0, -0.5]], "token_mean_logprob": [[-1.0, -0.5]],
+                      "token_std_logprob": [[1.0]]}
+    with pytest.raises(ValueError, match=r"row 1: column 'token_logprobs' has 2 tokens but 'token_std_logprob' has 1"):
+        attacks.score_all(misaligned_std)
+    with pytest.raises(ValueError, match=r"row 2: column 'neighbor_losses' is empty"):
+        attacks.score_all({"loss": [1.0, 2.0], "neighbor_losses": [[1.5], None]})
+    with pytest.raises(ValueError, match=r"row 2: column 'loss' is empty \(None\)"):
+        attacks.score_all({"loss": [1.0, None]})

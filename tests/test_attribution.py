@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -12,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from fimmia_hf.attribution import add_attribute_arguments, attribute, run_attribute
+from fimmia_hf.attribution import attribute, run_attribute
+from fimmia_hf.cli import parse_command
 from fimmia_hf.configuration_fimmia import FiMMIAConfig
 from fimmia_hf.features import build_features
 from fimmia_hf.modeling_fimmia import FiMMIAForMembershipInference
@@ -183,8 +183,7 @@ def test_noise_tunnel_is_seeded_and_reports_delta(loss_detector, tmp_path) -> No
 def test_cli_writes_results(loss_detector, tmp_path, capsys) -> None:
     data = tmp_path / "scored.parquet"
     synthetic_features(16, k=4, dim=8, seed=4).to_parquet(str(data))
-    parser = add_attribute_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--model", loss_detector, "--data", str(data), "--n-steps", "10", "--no-graphs",
+    args = parse_command("attribute", ["--model", loss_detector, "--data", str(data), "--n-steps", "10", "--no-graphs",
                               "--out", str(tmp_path / "attr")])
     result = run_attribute(args)
     assert (tmp_path / "attr" / "integrated_gradients.parquet").is_file()
@@ -211,3 +210,17 @@ def test_statistics_group_dominates_when_only_the_absolute_loss_carries_signal(a
     assert set(shares) == {"loss", "embedding", "statistics"}
     assert shares["statistics"] > 0.5 and result.summary["dims"]["statistics"] == len(model.config.sample_statistics)
     assert result.summary["completeness_max_abs_error"] < 1e-3
+
+
+def test_pair_plot_leaves_out_groups_without_attribution(tmp_path) -> None:
+    """A detector without a media branch has zero media attribution: no empty media row and column."""
+    from matplotlib.image import imread
+
+    from fimmia_hf.attribution import plot_pairs
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"valid": True, "label": np.repeat([0, 1], 20), "loss_attr": rng.normal(size=40),
+                          "embedding_attr_l2": rng.random(40), "embedding_attr_linf": rng.random(40),
+                          "media_attr_l2": 0.0, "media_attr_linf": np.nan})
+    image = imread(plot_pairs(table, tmp_path / "pairs.png"))
+    assert image.shape[1] == round((2.8 * 3 + 1.6) * 110)  # three groups plotted, not five

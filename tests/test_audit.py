@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import pytest
 
-from fimmia_hf.audit import DatasetInferenceResult, add_audit_arguments, dataset_inference, run_audit
+from fimmia_hf.audit import DatasetInferenceResult, dataset_inference, run_audit
+from fimmia_hf.cli import parse_command
 
 TRIALS = 300
 
@@ -66,7 +66,7 @@ def test_lazy_export_is_the_function_even_after_the_module_is_imported() -> None
 
 
 def _audit(tmp_path, *argv: str) -> dict:
-    args = add_audit_arguments(argparse.ArgumentParser()).parse_args([*argv, "--out", str(tmp_path / "audit.json")])
+    args = parse_command("audit", [*argv, "--out", str(tmp_path / "audit.json")])
     result = run_audit(args)
     assert json.loads((tmp_path / "audit.json").read_text()) == result
     return result
@@ -179,7 +179,7 @@ def test_unwritable_out_fails_before_the_audit_runs(tmp_path, monkeypatch) -> No
 
     monkeypatch.setattr(fimmia_hf.audit, "audit", lambda *a, **k: pytest.fail("the audit ran"))
     (tmp_path / "a_file").write_text("")
-    args = add_audit_arguments(argparse.ArgumentParser()).parse_args(
-        ["--suspect", "s", "--reference", "r", "--score", "loss", "--out", str(tmp_path / "a_file" / "audit.json")])
+    args = parse_command("audit", [
+        "--suspect", "s", "--reference", "r", "--score", "loss", "--out", str(tmp_path / "a_file" / "audit.json")])
     with pytest.raises(OSError, match=r"cannot write .*audit\.json .*choose another --out"):
         run_audit(args)

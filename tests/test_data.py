@@ -200,11 +200,11 @@ def test_split_stratifies_member_labels() -> None:
 
 def test_cli_validate_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = _write(tmp_path, _rows(4, label=1))
-    assert cli_main(["validate", str(path)]) == 0
+    assert cli_main(["validate", "--data", str(path)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows"] == 4 and summary["members"] == 4 and summary["modality"] == "text"
     bad = _write(tmp_path, [{"input": "", "answer": "a"}])
-    assert cli_main(["validate", str(bad)]) == 2
+    assert cli_main(["validate", "--data", str(bad)]) == 2
     assert "empty input" in capsys.readouterr().err
 
 
@@ -305,3 +305,14 @@ def test_stage_outputs_never_go_to_csv(tmp_path: Path) -> None:
     with pytest.raises(SampleError, match=r"elsewhere\.csv: the list columns neighbor_losses, embedding, neighbor_embeddings"):
         read_table(tmp_path / "elsewhere.csv")
     assert read_table(save_dataset(ds, tmp_path / "feat.parquet"))["neighbor_losses"] == ds["neighbor_losses"]
+def test_cli_split_keeps_a_samples_rows_together_and_stratifies(tmp_path: Path) -> None:
+    """A paired-style table (each sample twice) splits by sample, with the labels in the same proportion."""
+    rows = [{"sample_id": f"s{i}", "input": f"q{i}", "answer": "a", "ds_name": "d", "label": int(i < 8),
+             "model_role": role} for i in range(40) for role in ("base", "finetuned")]
+    table = tmp_path / "scored.parquet"
+    pd.DataFrame(rows).to_parquet(table)
+    assert cli_main(["split", "--data", str(table), "--test-size", "0.25", "--out", str(tmp_path / "splits")]) == 0
+    train, test = (pd.read_parquet(tmp_path / "splits" / f"{name}.parquet") for name in ("train", "test"))
+    assert len(train) == 60 and len(test) == 20 and not set(train["sample_id"]) & set(test["sample_id"])
+    assert test.groupby("sample_id").size().eq(2).all() and test["label"].sum() == 2 * 2  # 8 of 40 members: 2 of the 10 in test
+    assert cli_main(["split", "--data", str(table), "--out", str(tmp_path / "splits"), "--seed", "1"]) == 0  # reruns

@@ -238,3 +238,67 @@ def test_collator_adds_statistics_for_the_combined_head() -> None:
     batch = collate(list(ds))
     assert batch["sample_statistics"].shape == (4, 2)
     np.testing.assert_allclose(batch["sample_statistics"][:, 0].numpy(), -np.asarray(ds["loss"]), rtol=1e-6)
+
+
+# -- issue 20: rows that already hold the features ---------------------------------------------------
+
+
+def test_precomputed_rows_mask_nan_features_even_under_a_full_mask() -> None:
+    """A feature table written elsewhere (or by an older version) may hold NaN under `neighbor_mask` True:
+    those neighbours are masked and zeroed, so one NaN never turns the sample's score into NaN."""
+    row = {"sample_id": "pre", "loss_delta": [0.5, float("nan"), 1.0, 2.0],
+           "embedding_delta": [[0.0, 1.0], [1.0, 1.0], [float("nan"), 0.0], [2.0, 2.0]],
+           "neighbor_mask": [True, True, True, False]}
+    f = sample_features(row)
+    assert f["neighbor_mask"].tolist() == [True, False, False, False]
+    np.testing.assert_array_equal(f["loss_delta"], [0.5, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(f["embedding_delta"], [[0.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    batch = FiMMIADataCollator(embedding_dim=2)([row, {**row, "sample_id": "again"}])
+    assert batch["neighbor_mask"].tolist() == [[True, False, False, False]] * 2
+    assert batch["loss_delta"].isfinite().all() and batch["embedding_delta"].isfinite().all()
+
+
+# -- issue 20: survivors of a mutation run (mutmut) on features.py --------------------------------------
+
+
+def test_fit_normalization_is_the_same_over_any_number_of_batches() -> None:
+    """Training sets above `batch_size` rows (1024 by default) are read in batches: every batch counts."""
+    train = _table(n=10, seed=3)
+    whole = fit_normalization(train)
+    assert fit_normalization(train, batch_size=2) == pytest.approx(whole)
+    assert fit_normalization(train.select(range(4)), batch_size=2) != pytest.approx(whole)
+
+
+def test_paired_rows_must_list_the_same_neighbour_texts() -> None:
+    base = _table(n=4).add_column("neighbors", [["a", "b", "c"]] * 4)
+    ft = base.select_columns(["sample_id", "loss", "neighbor_losses", "neighbors"])
+    other = ft.map(lambda r: {"neighbors": ["a", "b", "changed"] if r["sample_id"] == "id1" else r["neighbors"]})
+    with pytest.raises(ValueError, match=r"different neighbour texts for sample_id \['id1'\]"):
+        paired_dataset(base, other)
+    assert len(paired_dataset(base, ft)) == 8
+
+
+def test_missing_inputs_says_what_each_head_lacks() -> None:
+    from fimmia_hf.configuration_fimmia import FiMMIAConfig
+    from fimmia_hf.features import missing_inputs
+
+    scored = ["sample_id", "loss", "neighbor_losses", "embedding", "neighbor_embeddings"]
+    fimmia = FiMMIAConfig(head="fimmia", embedding_dim=3)
+    assert missing_inputs(fimmia, scored) == []
+    assert missing_inputs(fimmia, scored[:3]) == ["column 'embedding'", "column 'neighbor_embeddings'"]
+    assert missing_inputs(FiMMIAConfig(head="loss_only"), scored[:3]) == []
+    assert missing_inputs(fimmia, ["sample_id", "loss_delta", "embedding_delta", "neighbor_mask"]) == []
+    combined = FiMMIAConfig(head="combined", embedding_dim=3, sample_statistics=["loss", "min_k_20"],
+                            sample_statistics_mean=[0.0, 0.0], sample_statistics_std=[1.0, 1.0])
+    assert missing_inputs(combined, scored) == ["the columns of the sample statistics ['min_k_20']"]
+    assert missing_inputs(combined, [*scored, "token_logprobs"]) == []
+
+
+def test_precomputed_media_deltas_pass_through_and_dimensions_are_checked() -> None:
+    row = {"sample_id": "pre", "loss_delta": [0.5], "embedding_delta": [[1.0, 2.0]], "media_delta": [[3.0, 4.0, 5.0]],
+           "neighbor_mask": [True]}
+    f = sample_features(row, use_media=True, embedding_dim=2, media_embedding_dim=3)
+    np.testing.assert_array_equal(f["media_delta"], [[3.0, 4.0, 5.0]])
+    for media_delta in (row["media_delta"], np.array(row["media_delta"])):  # lists, or arrays as `with_format("numpy")`
+        with pytest.raises(ValueError, match="sample_id='pre'.*media_delta.*expected 4"):  # one neighbour is enough
+            sample_features({**row, "media_delta": media_delta}, use_media=True, embedding_dim=2, media_embedding_dim=4)

@@ -121,17 +121,18 @@ def test_cli_yaml_merge_and_scorer_accepts_output(tiny_model, synthetic_table, t
     data = synthetic_table("text", n=4)
     config = tmp_path / "ft.yaml"
     config.write_text(
-        f"model: {base}\ndata: {data}\nmax_steps: 2\nper_device_train_batch_size: 2\n"
-        "activation_checkpointing: false\nuse_cpu: true\nlora_r: 4\n",
+        f"model: {base}\ndata: {data}\nbatch_size: 2\nlora_r: 4\nmodules_to_save: [lm_head]\n"
+        "training_args: {max_steps: 2, activation_checkpointing: false, use_cpu: true}\n",
         encoding="utf-8",
     )
     out = tmp_path / "adapter"
     assert (
-        main(["finetune", "--config", str(config), "--output_dir", str(out), "--modality", "text", "--members-only", "--merge"])
+        main(["finetune", "--config", str(config), "--out", str(out), "--modality", "text", "--members-only", "--merge"])
         == 0
     )
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and Path(adapter["base_model_name_or_path"]) == Path(base).resolve()
+    assert adapter["modules_to_save"] == ["lm_head"]
     assert (out / "merged" / "model.safetensors").is_file()
     info = json.loads((out / "fimmia_finetune.json").read_text())
     assert info["train_samples"] == 2 and info["trainer"] == "trl.SFTTrainer"
@@ -245,14 +246,10 @@ def test_two_processes_under_accelerate_launch(tiny_model, synthetic_table, tmp_
         tiny_model("image-text"),
         "--data",
         synthetic_table("image", n=4),
-        "--output_dir",
+        "--out",
         str(out),
-        "--max_steps",
-        "2",
-        "--activation_checkpointing",
-        "false",
-        "--use_cpu",
-        "true",
+        "--training-args",
+        '{"max_steps": 2, "activation_checkpointing": false, "use_cpu": true}',
     ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from fimmia_hf import FiMMIAConfig, FiMMIAForMembershipInference
+from fimmia_hf.cli import parse_command
 from fimmia_hf.hub import (
-    add_push_arguments,
     load_detector,
     load_features,
     push_detector,
@@ -57,12 +57,12 @@ class FakeHfApi:
         return str(folder)
 
 
-def _detector(media: bool = False) -> FiMMIAForMembershipInference:
+def _detector(media: bool = False, neighbor_model: str = "ai-forever/FRED-T5-1.7B") -> FiMMIAForMembershipInference:
     torch.manual_seed(0)
     cfg = FiMMIAConfig(
         embedding_dim=8, media_embedding_dim=4 if media else 0, projection_dim=16, hidden_sizes=[16, 8],
         num_neighbors=4, modality="image", target_model="Qwen/Qwen2.5-VL-3B-Instruct",
-        neighbor_model="ai-forever/FRED-T5-1.7B", embedding_model="intfloat/e5-mistral-7b-instruct",
+        neighbor_model=neighbor_model, embedding_model="intfloat/e5-mistral-7b-instruct",
         loss_mean=0.2, loss_std=0.5, neighbor_kwargs={"mask_ratio": 0.2, "seed": 3},
         card_data={"n_rows": 64, "n_members": 32, "n_nonmembers": 32, "n_samples": 64,
                    "ds_names": {"synthetic_a": 32, "synthetic_b": 32},
@@ -85,6 +85,7 @@ CARD_PATTERN = re.compile(
     r"(?=[\s\S]*^library_name: transformers$)"
     r"(?=[\s\S]*^- membership-inference$)"
     r"(?=[\s\S]*^target_model: Qwen/Qwen2\.5-VL-3B-Instruct$)"
+    r"(?=[\s\S]*^base_model: Qwen/Qwen2\.5-VL-3B-Instruct$)"
     r"[\s\S]*^model-index:\n- name: fimmia-demo\n  results:\n  - task:\n      type: membership-inference\n"
     r"[\s\S]*^    - type: auc\n      value: 0\.934\n      name: AUC \(95% CI \[0\.901, 0\.962\]\)\n"
     r"[\s\S]*^---\n\n# fimmia-demo\n"
@@ -206,8 +207,7 @@ def test_cli_push(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = _detector()
     model.save_pretrained(tmp_path / "det")
     (tmp_path / "m.json").write_text(json.dumps(METRICS))
-    parser = add_push_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--model", str(tmp_path / "det"), "--repo-id", "me/cli-det",
+    args = parse_command("push", ["--model", str(tmp_path / "det"), "--repo-id", "me/cli-det",
                               "--metrics", str(tmp_path / "m.json"), "--private"])
     api = FakeHfApi(tmp_path / "hub")
     assert run_push(args, api=api) == 0
@@ -252,3 +252,34 @@ def test_load_detector_refuses_a_hub_repo_of_pickles(tmp_path: Path, monkeypatch
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
     with pytest.raises(PickledWeightsError, match=r"pickled.*pytorch_model\.bin.*safetensors only"):
         load_detector("org/pickled", api=api)
+def test_push_names_local_components_by_hub_id_or_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A pushed config must resolve anywhere: a component recorded as a local folder needs its Hub id."""
+    (tmp_path / "models" / "t5").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    model = _detector(neighbor_model="models/t5")  # as trained here: recorded as an absolute path
+    assert model.config.neighbor_model == str(tmp_path / "models" / "t5")
+    api = FakeHfApi(tmp_path / "hub")
+    with pytest.raises(ValueError, match=r"local folders as components \(neighbor_model = .*--neighbor-model OWNER"):
+        push_detector(model, "me/det", api=api)
+    assert api.calls == []  # nothing created
+    push_detector(model, "me/det", api=api, hub_ids={"neighbor_model": "ai-forever/FRED-T5-1.7B@v2"})
+    pushed = json.loads((tmp_path / "hub" / "model" / "me" / "det" / "config.json").read_text())
+    assert pushed["neighbor_model"] == "ai-forever/FRED-T5-1.7B@v2"
+    assert model.config.neighbor_model == str(tmp_path / "models" / "t5")  # the caller's detector is unchanged
+    card = (tmp_path / "hub" / "model" / "me" / "det" / "README.md").read_text()
+    assert "| neighbour generator (span filling) | ai-forever/FRED-T5-1.7B@v2 |" in card
+    with pytest.raises(ValueError, match="must be Hub ids"):
+        push_detector(model, "me/det", api=api, hub_ids={"neighbor_model": "models/t5/x"})
+
+
+def test_cli_push_offline_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from fimmia_hf.cli import main
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    _detector().save_pretrained(tmp_path / "det")
+    assert main(["push", "--model", str(tmp_path / "det"), "--repo-id", "me/offline"]) == 2
+    err = capsys.readouterr().err
+    assert "fimmia-hf push: error: could not push to the Hub:" in err and "offline mode" in err
+    assert "Traceback" not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,9 +180,12 @@ def test_groups() -> None:
         membership_metrics(y, s, groups=g[:-1])
 
 
-def test_result_is_json_serialisable() -> None:
+def test_result_survives_a_json_round_trip() -> None:
+    """Reports store the metrics as JSON: what is read back must equal what was computed."""
     m = membership_metrics([0, 1, 0, 1], [0.1, 0.9, 0.3, 0.6], groups=["x", "x", "y", "y"], n_bootstrap=10)
-    json.dumps(m)
+    back = json.loads(json.dumps(m))
+    assert back["auc"] == m["auc"] == 1.0 and back["groups"]["y"]["auc"] == m["groups"]["y"]["auc"]
+    assert back["auc_ci"] == list(m["auc_ci"]) and back["n_members"] == 2
 
 
 @pytest.mark.parametrize("log", [True, False, "both"])
@@ -203,3 +207,105 @@ def test_evaluate_module_offline() -> None:
     s = (rng.normal(size=100) + np.array(y)).tolist()
     got = metric.compute(prediction_scores=s, references=y, n_bootstrap=50, groups=["a", "b"] * 50)
     assert got == membership_metrics(y, s, n_bootstrap=50, groups=["a", "b"] * 50)
+    assert Path(evaluate_module_path()).is_dir()  # the folder, as `evaluate.load` takes a Hub metric's
+    assert evaluate.load(str(Path(evaluate_module_path()) / "membership_metrics.py")).name == metric.name
+
+
+# -- issue 20: the confidence level asked for is the one returned ------------------------------------
+
+
+@pytest.mark.parametrize("confidence", [0.95, 0.9, 0.5])
+def test_interval_is_the_bootstrap_quantiles_at_the_confidence_asked(confidence: float) -> None:
+    from fimmia_hf import metrics as M
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 120)
+    s = rng.normal(size=120) + y
+    m = membership_metrics(y, s, n_bootstrap=300, seed=5, confidence=confidence)
+    _, pos_level, neg_level, _ = M._levels(y, s)
+    boot = M._bootstrap(pos_level, neg_level, np.unique(s).size, (0.001, 0.01, 0.05), 300, np.random.default_rng(5))
+    alpha = (1 - confidence) / 2
+    for key in KEYS:
+        assert m[f"{key}_ci"] == pytest.approx(tuple(np.quantile(boot[key], [alpha, 1 - alpha])), abs=1e-12), key
+
+
+def test_interval_has_the_coverage_of_a_known_distribution() -> None:
+    """One member above half of 100 distinct non-members: each resampled AUC is Binomial(100, 1/2) / 100
+    exactly (the member is in every stratified resample), so the 95 % interval is that distribution's
+    2.5 % and 97.5 % quantiles, (0.40, 0.60); a 90 % one would be (0.42, 0.58)."""
+    from scipy.stats import binom
+
+    scores = np.r_[49.5, np.arange(100.0)]
+    labels = np.r_[1, np.zeros(100, dtype=int)]
+    for confidence in (0.95, 0.9):
+        alpha = (1 - confidence) / 2
+        expected = tuple(binom.ppf([alpha, 1 - alpha], 100, 0.5) / 100)
+        got = membership_metrics(labels, scores, n_bootstrap=20_000, confidence=confidence)["auc_ci"]
+        assert got == pytest.approx(expected, abs=1e-9), confidence
+    assert expected == (0.42, 0.58)
+
+
+@pytest.mark.parametrize("confidence", [0.0, 1.0, 1.5, -0.1])
+def test_confidence_outside_zero_one_is_refused(confidence: float) -> None:
+    with pytest.raises(ValueError, match="confidence must be in"):
+        membership_metrics([0, 1, 0, 1], [0.1, 0.9, 0.3, 0.6], n_bootstrap=10, confidence=confidence)
+
+
+# -- issue 20: survivors of a mutation run (mutmut) on metrics.py -------------------------------------
+
+
+def test_tpr_at_any_fpr_matches_sklearn_where_x_times_n_rounds_off() -> None:
+    """0.29 * 100 = 28.999…96 in floating point: a count taken as floor(x·n) would drop the 29th false
+    positive that sklearn's `fpr <= 0.29` keeps (and 0.07 · 100 rounds the other way)."""
+    rng = np.random.default_rng(2)
+    for fpr in (0.29, 0.07, 0.57):
+        y = np.r_[np.ones(60, dtype=int), np.zeros(100, dtype=int)]
+        s = rng.normal(size=160) + y
+        got = membership_metrics(y, s, fprs=(fpr,), n_bootstrap=0)[fpr_key(fpr)]
+        sk_fpr, sk_tpr, _ = roc_curve(y, s, drop_intermediate=False)
+        assert got == sk_tpr[sk_fpr <= fpr].max(), fpr
+
+
+def test_rate_counts_equal_a_brute_force_count() -> None:
+    from fimmia_hf.metrics import _max_count_with_rate_le, _min_count_with_rate_ge
+
+    for n in range(1, 700):
+        for x in (0.001, 0.01, 0.05, 0.07, 0.29, 0.57, 0.95):
+            assert _max_count_with_rate_le(x, n) == max(c for c in range(n + 1) if c / n <= x), (x, n)
+            assert _min_count_with_rate_ge(x, n) == min(c for c in range(n + 1) if c / n >= x), (x, n)
+
+
+def test_resolution_warnings_at_their_boundaries() -> None:
+    """20 non-members resolve 5 % FPR and 20 members 95 % TPR; 19 of either do not."""
+    rng = np.random.default_rng(0)
+    for n, warned in ((19, True), (20, False)):
+        members = membership_metrics(np.r_[np.ones(n), np.zeros(2000)].astype(int), rng.normal(size=n + 2000),
+                                     n_bootstrap=0)
+        assert any(w.startswith("fpr@95%tpr") for w in members["warnings"]) is warned, n
+        nonmembers = membership_metrics(np.r_[np.ones(30), np.zeros(n)].astype(int), rng.normal(size=n + 30),
+                                        fprs=(0.05,), n_bootstrap=0)
+        assert any(w.startswith("tpr@5%fpr") for w in nonmembers["warnings"]) is warned, n
+
+
+def test_error_messages_name_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match=r"found \[2, 7\]"):
+        membership_metrics([0, 1, 2, 7], [0.1, 0.2, 0.3, 0.4])
+    with pytest.raises(ValueError, match="all 3 samples are members"):
+        membership_metrics([1, 1, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="all 2 samples are non-members"):
+        membership_metrics([0, 0], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"fprs must be in \(0, 1\)"):
+        membership_metrics([0, 1], [0.1, 0.2], fprs=(1.0,))
+    m = membership_metrics([0, 1, 1, 1], [0.1, 0.9, 0.3, 0.6], groups=["x", "x", "y", "y"], n_bootstrap=0)
+    assert m["groups"]["y"] == {"error": "one class only: AUC and TPR@FPR are undefined for this group",
+                                "n_members": 2, "n_nonmembers": 0}
+    assert "group 'y' has only members" in m["warnings"]
+
+
+def test_json_safe_turns_numpy_values_into_plain_ones() -> None:
+    from fimmia_hf.metrics import json_safe
+
+    value = {1: np.float64(0.25), "n": np.int64(3), "ci": (np.float32(0.5), 1.0), "curve": np.array([0.0, 1.0]),
+             "nan": float("nan"), "inf": np.float64("inf")}
+    assert json_safe(value) == {"1": 0.25, "n": 3, "ci": [0.5, 1.0], "curve": [0.0, 1.0], "nan": None, "inf": None}
+    assert type(json_safe(value)["n"]) is int

@@ -136,7 +136,9 @@ def test_auto_classes_and_saved_code(tmp_path) -> None:
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "fimmia"
-    assert saved["auto_map"]["AutoModelForSequenceClassification"] == "modeling_fimmia.FiMMIAForMembershipInference"
+    assert saved["auto_map"] == {"AutoConfig": "configuration_fimmia.FiMMIAConfig",
+                                 "AutoModel": "modeling_fimmia.FiMMIAForMembershipInference",
+                                 "AutoModelForSequenceClassification": "modeling_fimmia.FiMMIAForMembershipInference"}
     assert (tmp_path / "modeling_fimmia.py").exists() and (tmp_path / "configuration_fimmia.py").exists()
     assert (tmp_path / "model.safetensors").exists()
     assert isinstance(AutoConfig.from_pretrained(tmp_path), FiMMIAConfig)
@@ -150,21 +152,25 @@ def test_auto_classes_and_saved_code(tmp_path) -> None:
 
 @pytest.mark.slow  # a fresh interpreter importing torch + transformers: ~25 s on the shared test machine
 def test_saved_folder_loads_as_remote_code_without_the_package(tmp_path) -> None:
-    """Where fimmia_hf is not installed, trust_remote_code=True uses the copied files."""
+    """Where fimmia_hf is not installed, trust_remote_code=True uses the copied files, through AutoModel and
+    AutoModelForSequenceClassification alike."""
     FiMMIAForMembershipInference(_small()).save_pretrained(tmp_path / "det")
     code = (
         "import sys; sys.modules['fimmia_hf'] = None\n"
-        "import torch\nfrom transformers import AutoModelForSequenceClassification as A\n"
-        f"m = A.from_pretrained({str(tmp_path / 'det')!r}, trust_remote_code=True)\n"
-        "assert type(m).__module__.startswith('transformers_modules'), type(m).__module__\n"
-        "print(m(torch.zeros(2, 3), torch.zeros(2, 3, 8)).scores.shape)\n"
+        "import torch\nfrom transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification\n"
+        f"assert type(AutoConfig.from_pretrained({str(tmp_path / 'det')!r}, trust_remote_code=True)).__name__ == "
+        "'FiMMIAConfig'\n"
+        "for A in (AutoModel, AutoModelForSequenceClassification):\n"
+        f"    m = A.from_pretrained({str(tmp_path / 'det')!r}, trust_remote_code=True)\n"
+        "    assert type(m).__module__.startswith('transformers_modules'), type(m).__module__\n"
+        "    print(m(torch.zeros(2, 3), torch.zeros(2, 3, 8)).scores.shape)\n"
     )
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1",
            "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "torch.Size([2])" in done.stdout
+    assert done.stdout.count("torch.Size([2])") == 2
 
 
 # ------------------------------------------------------------------ original checkpoints (BaseLine family)

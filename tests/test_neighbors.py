@@ -137,18 +137,16 @@ def test_short_and_empty_text(tmp_path):
 
 
 def test_truncation_only_in_output_rows_and_cli(tmp_path):
-    from fimmia_hf.neighbors.cli import add_neighbors_arguments, run_neighbors
+    from fimmia_hf.cli import parse_command
+    from fimmia_hf.neighbors.cli import run_neighbors
 
     table = tmp_path / "samples.csv"
     long_text = "intro " * 50 + "What is two plus two? ANSWER:"
     table.write_text("input,answer\n" + json.dumps(long_text) + ",four\nshort question here please,yes\n")
     before = hashlib.sha256(table.read_bytes()).hexdigest()
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_neighbors_arguments(parser)
     out = tmp_path / "out"
-    args = parser.parse_args(
+    args = parse_command(
+        "neighbors",
         [
             "--data",
             str(table),
@@ -242,3 +240,41 @@ def test_media_neighbours_differ_yet_decode(modality, synthetic_table, tmp_path)
     a, b = (load_media(modality, p, **kwargs) for p in (first, second))
     a, b = (np.asarray(x[0] if modality == "audio" else x, dtype=np.float32) for x in (a, b))
     assert a.shape == b.shape and np.abs(a - b).mean() < (2.0 if modality == "video" else 1e-6)
+
+
+# -- issue 20: every sample gets its own draws ------------------------------------------------------
+
+
+def _deleted_positions(original: str, neighbor: str) -> tuple[int, ...]:
+    kept = set(neighbor.split())
+    return tuple(i for i, word in enumerate(original.split()) if word not in kept)
+
+
+def test_distinct_samples_get_distinct_edit_positions_and_equal_ones_the_same(tmp_path):
+    """The seed follows the sample: texts of the same length must not all lose the same words (a seed
+    without the sample does exactly that), and a sample gets the same neighbours in any row or table."""
+    from fimmia_hf import load_samples
+
+    texts = [" ".join(f"s{i}w{j}" for j in range(20)) for i in range(6)]
+    rows = load_samples(datasets.Dataset.from_dict({"input": texts, "answer": ["A"] * 6}))
+    generator = NeighborGenerator(ops=("delete",), num_neighbors=3)
+    out = generator.apply(rows, cache_dir=tmp_path)
+    draws = [tuple(_deleted_positions(row["input"], nb) for nb in row["neighbors"]) for row in out]
+    assert all(len(positions) == 5 for draw in draws for positions in draw)  # min_masks words each
+    assert len(set(draws)) == 6  # every sample its own positions
+    reordered = generator.apply(rows.select([5, 0]), cache_dir=tmp_path)
+    assert reordered["neighbors"] == [out[5]["neighbors"], out[0]["neighbors"]]
+
+
+def test_samples_sharing_an_image_get_their_own_perturbations(synthetic_table, tmp_path):
+    """Two questions about one picture are two samples: each gets its own seeded media perturbations."""
+    from fimmia_hf import load_samples
+    from fimmia_hf.stage import file_hash
+
+    image = load_samples(synthetic_table("image", 2))[0]["image"]
+    rows = load_samples(datasets.Dataset.from_dict({
+        "input": [f"Which shape is drawn here, {who}? <image>" for who in ("Ann", "Bob")],
+        "answer": ["A", "A"], "image": [image, image]}))
+    out = NeighborGenerator(ops=("delete", "swap"), num_neighbors=2, media_perturbation=True).apply(rows, cache_dir=tmp_path)
+    first, second = ([file_hash(p) for p in row["media_neighbors"]] for row in out)
+    assert len(first) == len(second) == 2 and not set(first) & set(second)

@@ -139,5 +139,5 @@ def test_cli_refusal_is_one_line(pickled_detector: Path, tmp_path: Path, capsys:
 
     synthetic_features(4, k=2, dim=4).to_parquet(tmp_path / "scored.parquet")
     assert main(["predict", "--model", str(pickled_detector), "--data", str(tmp_path / "scored.parquet"),
-                 "--output", str(tmp_path / "pred.parquet")]) == 2
+                 "--out", str(tmp_path / "pred.parquet")]) == 2
     assert f"fimmia-hf predict: error: {pickled_detector}: the weights are pickles" in capsys.readouterr().err

@@ -240,3 +240,72 @@ def test_misspelt_or_missing_media_key_is_an_error(fast_pipe: MembershipInferenc
         fast_pipe(row)
     with pytest.raises(ValueError, match=r"this one has no 'image'"):
         fast_pipe({**row, "image": None})
+def test_pipeline_from_another_folder_gives_the_cli_and_predict_score(tiny_model, synthetic_table, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A detector that records its components by relative path, used from another folder: the pipeline finds them
+    and scores each sample exactly as the CLI stages + `predict` did from the table (media paths written relative,
+    ds_name from the file's stem), a list with repeats too."""
+    from fimmia_hf.cli import main
+    from fimmia_hf.training import predict
+
+    csv = Path(synthetic_table("image", n=3))
+    monkeypatch.chdir(csv.parent)  # where the detector is trained: components named relative to here
+    paths = {k: os.path.relpath(tiny_model(k)) for k in ("image-text", "text-encoder", "image-encoder")}
+    torch.manual_seed(0)
+    cfg = FiMMIAConfig(
+        embedding_dim=_dim(paths["text-encoder"], "hidden_size"), media_embedding_dim=_dim(paths["image-encoder"],
+        "projection_dim"), projection_dim=16, hidden_sizes=[8], num_neighbors=K, modality="image",
+        target_model=paths["image-text"], embedding_model=paths["text-encoder"],
+        media_embedding_model=paths["image-encoder"], neighbor_kwargs={"ops": ["delete", "swap"]},
+    )
+    FiMMIAForMembershipInference(cfg).save_pretrained(tmp_path / "det")
+    recorded = json.loads((tmp_path / "det" / "config.json").read_text())
+    assert all(Path(recorded[k]).is_absolute() for k in ("target_model", "embedding_model", "media_embedding_model"))
+
+    stages = [["neighbors", "--data", csv.name, "--ops", "delete,swap", "--num-neighbors", str(K)],
+              ["embed", "--model", paths["text-encoder"], "--media-model", paths["image-encoder"], "--device", "cpu"],
+              ["score", "--model", paths["image-text"]]]
+    data = csv.name
+    for i, argv in enumerate(stages):
+        out = str(tmp_path / f"stage{i}")
+        argv = argv if "--data" in argv else [*argv, "--data", data]
+        assert main([*argv, "--out", out]) == 0
+        data = out
+    expected = predict(str(tmp_path / "det"), data, progress=False)["score"]
+
+    monkeypatch.chdir(tmp_path)  # elsewhere: relative component paths would resolve to nothing here
+    rows = pd.read_csv(csv).to_dict("records")
+    for row in rows:
+        row["image"] = str(csv.parent / row["image"])
+    pipe = pipeline("membership-inference", model=str(tmp_path / "det"), device="cpu")
+    out = pipe([rows[0], rows[1], rows[0], rows[2], rows[1]])
+    assert [r["score"] for r in out] == pytest.approx([expected[i] for i in (0, 1, 0, 2, 1)], abs=1e-6)
+    assert out[0] == out[2] and out[0] is not out[2]  # scored once, returned in place
+    assert pipe(rows[2])["score"] == pytest.approx(expected[2], abs=1e-6)
+
+
+def test_pipeline_without_a_detector_says_what_to_pass() -> None:
+    with pytest.raises(ValueError, match=r"needs model=<a trained detector"):
+        pipeline("membership-inference")
+
+
+# -- issue 20: the threshold a detector stores is the one its labels use ------------------------------
+
+
+def test_labels_use_the_stored_fallback_threshold_strictly(tmp_path: Path) -> None:
+    """Without calibrated thresholds, labels follow `config.threshold` (not a hard-coded 0.5), and a score
+    equal to it is a non-member (score > threshold ⇒ member)."""
+    from fimmia_hf.testing import synthetic_features
+
+    torch.manual_seed(0)
+    rows = list(synthetic_features(n=8, k=3, dim=8))
+    model = FiMMIAForMembershipInference(FiMMIAConfig(embedding_dim=8, projection_dim=8, hidden_sizes=[8]))
+    model.save_pretrained(tmp_path / "default")
+    scores = [r["score"] for r in pipeline("membership-inference", model=str(tmp_path / "default"), device="cpu")(rows)]
+    cut = sorted(scores)[2]
+    model.config.threshold = cut
+    model.save_pretrained(tmp_path / "stored")
+    labels = [r["label"] for r in pipeline("membership-inference", model=str(tmp_path / "stored"), device="cpu")(rows)]
+    assert labels == ["member" if s > cut else "non-member" for s in scores]
+    assert labels.count("member") == 5 and labels[scores.index(cut)] == "non-member"  # the boundary row
+    assert labels != ["member" if s > 0.5 else "non-member" for s in scores]  # 0.5 would label them otherwise

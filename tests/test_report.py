@@ -86,3 +86,25 @@ def test_report_heads_with_a_failed_permuted_label_check_and_states_the_pooling_
     saved = json.loads((tmp_path / "failed" / "report.json").read_text())
     assert saved["warnings"][0].startswith("PERMUTED-LABEL CHECK FAILED")
     assert "labels" not in saved["methods"]["blind: permuted_labels"]  # per-row arrays stay out of report.json
+
+
+def test_tied_attacks_are_one_row_and_one_curve_named_together(tmp_path: Path) -> None:
+    """With one-token answers LOSS, zlib and every Min-K% are the same ranking: the report says so once."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 30)
+    logprobs = [[float(rng.normal(-1.5 + y, 0.5))] for y in labels]
+    n = len(labels)
+    test = datasets.Dataset.from_dict({
+        "sample_id": [str(i) for i in range(n)], "input": [f"question {i}?" for i in range(n)], "answer": ["A"] * n,
+        "ds_name": ["d"] * n, "label": labels.tolist(), "loss": [-lp[0] for lp in logprobs], "token_logprobs": logprobs,
+        "token_mean_logprob": [[-1.0]] * n, "token_std_logprob": [[0.5]] * n,
+    })
+    report = build_report(test, out_dir=tmp_path, blind={}, n_bootstrap=0)
+    (tie,) = report["ties"]
+    assert {"loss", "zlib", "min_k_20", "min_k_pp_20"} <= set(tie["methods"])
+    assert tie["name"].startswith("loss = zlib = min_k_* = min_k_pp_*") and tie["name"].endswith(": one-token answers")
+    md = (tmp_path / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "classic attack" in line]
+    assert len(rows) == 1 and rows[0].startswith("| loss = zlib = min_k_*")  # one row for the whole group
+    assert "Tied: loss, zlib, " in md and "one-token answers" in md
+    assert set(tie["methods"]) <= set(json.loads((tmp_path / "report.json").read_text())["methods"])  # all kept

@@ -277,3 +277,21 @@ def test_sanity_warning_only_when_the_interval_excludes_one_half():
     assert sanity_warning({**entry, "auc": 0.47, "auc_ci": [0.43, 0.51]}) is None
     assert sanity_warning({**entry, "auc": 0.58, "auc_ci": [0.52, 0.64]}) is not None  # above chance fails too
     assert sanity_warning(None) is None
+
+
+# -- issue 20: the interval over repeats, checked on its own --------------------------------------------
+
+
+def test_mean_interval_is_the_student_t_interval_clipped_to_auc_range() -> None:
+    """Caught before only by chance, through one end-to-end bound (an interval at the wrong level, or from
+    the population std, moved it from 0.49 to 0.50)."""
+    from scipy import stats
+
+    from fimmia_hf.shift import _mean_interval
+
+    values = [0.61, 0.7, 0.74, 0.58, 0.66]
+    mean, (low, high) = _mean_interval(values)
+    expected = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert mean == pytest.approx(np.mean(values)) and (low, high) == pytest.approx(expected, abs=1e-12)
+    assert _mean_interval([0.98, 0.99, 0.999])[1][1] == 1.0  # an AUC interval never passes 1
+    assert _mean_interval([0.7])[1] == pytest.approx((float("nan"), float("nan")), nan_ok=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -17,15 +16,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 import fimmia_hf  # noqa: F401  (registers the Auto classes)
+from fimmia_hf.cli import parse_command
 from fimmia_hf.data import split_samples
 from fimmia_hf.metrics import membership_metrics
 from fimmia_hf.modeling_fimmia import FiMMIAForMembershipInference
 from fimmia_hf.testing import synthetic_features
 from fimmia_hf.training import (
-    add_predict_arguments,
-    add_train_arguments,
     calibrate_thresholds,
     predict,
     run_predict,
@@ -127,6 +126,9 @@ def test_without_validation_split_thresholds_are_not_calibrated(split, tmp_path,
     assert model.config.decision_thresholds is None
     assert "not calibrated" in model.config.card_data["calibration"]["note"]
     assert "decision thresholds were not calibrated" in caplog.text
+    card = ModelCard.load(tmp_path / "README.md")  # a card even without eval data: no results, says why
+    assert card.data.library_name == "transformers" and card.data.eval_results is None
+    assert "Not calibrated" in card.text and "No evaluation results" in card.text
 
 
 def test_blind_embedding_only_control_is_near_chance(split, tmp_path) -> None:
@@ -191,23 +193,28 @@ def test_cli_train_and_predict_paired(tmp_path) -> None:
         train_base: {base}
         train_finetuned: {finetuned}
         eval_size: 0.3
-        num_train_epochs: 1
+        epochs: 1
         target_model: org/base-vlm
         training_args: {{disable_tqdm: true, logging_strategy: "no"}}
     """))
-    parser = add_train_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--config", str(tmp_path / "train.yaml"), "--output-dir", str(tmp_path / "det"),
-                              "--num-train-epochs", "3", "--neighbor-kwargs", '{"ops": ["delete"], "seed": 3}'])
+    args = parse_command("train", ["--config", str(tmp_path / "train.yaml"), "--out", str(tmp_path / "det"),
+                                   "--epochs", "3", "--neighbor-kwargs", '{"ops": ["delete"], "seed": 3}'])
     out = run_train(args)
     config = json.loads((out / "config.json").read_text())
     assert config["protocol"] == "paired" and config["target_model"] == "org/base-vlm"
     assert config["neighbor_kwargs"] == {"ops": ["delete"], "seed": 3}  # for the pipeline to make neighbours alike
     assert config["card_data"]["epochs"] == pytest.approx(3.0)  # the command line wins over the YAML
+    card = ModelCard.load(out / "README.md")  # written by `train`, with the validation split's results
+    assert card.data.library_name == "transformers" and card.data.base_model == "org/base-vlm"
+    assert "membership-inference" in card.data.tags
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics["auc"] == pytest.approx(config["card_data"]["eval_metrics"]["auc"])
+    assert "| 1 % |" in card.text and config["decision_thresholds"]  # the calibrated thresholds
 
     for suffix in (".parquet", ".csv"):
-        pargs = add_predict_arguments(argparse.ArgumentParser()).parse_args([
+        pargs = parse_command("predict", [
             "--model", str(out), "--base", base, "--finetuned", finetuned,
-            "--output", str(tmp_path / f"pred{suffix}"), "--n-bootstrap", "50",
+            "--out", str(tmp_path / f"pred{suffix}"), "--n-bootstrap", "50",
         ])
         report = run_predict(pargs)
         frame = pd.read_parquet(tmp_path / "pred.parquet") if suffix == ".parquet" else pd.read_csv(tmp_path / "pred.csv")
@@ -219,22 +226,11 @@ def test_cli_train_and_predict_paired(tmp_path) -> None:
         assert set(saved["metrics"]["groups"]) == {"synthetic_a", "synthetic_b"}
 
 
-def test_cli_rejects_bad_configuration(tmp_path, capsys) -> None:
-    for text, message in (("{seed: 3}", "not valid JSON"), ('["seed"]', "expected a JSON object")):
-        with pytest.raises(SystemExit):
-            add_train_arguments(argparse.ArgumentParser()).parse_args(["--neighbor-kwargs", text])
-        assert f"argument --neighbor-kwargs: {message}" in capsys.readouterr().err
-    (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n")
-    args = add_train_arguments(argparse.ArgumentParser()).parse_args(["--config", str(tmp_path / "bad.yaml")])
-    with pytest.raises(ValueError, match="unknown keys"):
-        run_train(args)
-    args = add_train_arguments(argparse.ArgumentParser()).parse_args(["--output-dir", str(tmp_path)])
+def test_cli_rejects_bad_data(tmp_path) -> None:
     with pytest.raises(ValueError, match="no training data"):
-        run_train(args)
-    pargs = add_predict_arguments(argparse.ArgumentParser()).parse_args(
-        ["--model", "m", "--data", "d", "--output", str(tmp_path / "p.txt")])
+        run_train(parse_command("train", ["--out", str(tmp_path)]))
     with pytest.raises(ValueError, match="parquet or .csv"):
-        run_predict(pargs)
+        run_predict(parse_command("predict", ["--model", "m", "--data", "d", "--out", str(tmp_path / "p.txt")]))
 
 
 @pytest.mark.slow
@@ -289,7 +285,7 @@ def test_cli_train_uses_the_users_accelerate_config(tmp_path) -> None:
     held_out.save_to_disk(str(tmp_path / "eval"))
     env = {**os.environ, "HF_HOME": str(home), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [str(Path(sys.executable).with_name("fimmia-hf")), "train", "--train", str(tmp_path / "train"),
-           "--eval", str(tmp_path / "eval"), "--output-dir", str(tmp_path / "out"), "--num-train-epochs", "2",
+           "--eval", str(tmp_path / "eval"), "--out", str(tmp_path / "out"), "--epochs", "2",
            "--training-args", '{"use_cpu": true, "disable_tqdm": true}']
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -297,15 +293,20 @@ def test_cli_train_uses_the_users_accelerate_config(tmp_path) -> None:
     assert card["training_args"]["world_size"] == 2
 
 
-@pytest.mark.parametrize("command", ["train", "predict", "audit", "finetune"])
-def test_bad_yaml_config_names_its_line(command: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Bad YAML in --config is one line naming the file, line and column, not a parser traceback."""
-    from fimmia_hf.cli import main
+# -- issue 20: `train --eval-size` holds out whole samples --------------------------------------------
 
-    config = tmp_path / "bad.yaml"
-    config.write_text("epochs: 3\nlr: [1, 2\nbad: x\n")
-    assert main([command, "--config", str(config)]) == 2
-    assert f"{config}: not valid YAML: line 3, column 4: expected ',' or ']'" in capsys.readouterr().err
-    config.write_text("- a\n- b\n")
-    assert main([command, "--config", str(config)]) == 2
-    assert "expected a mapping of option names to values, got a list" in capsys.readouterr().err
+
+def test_cli_eval_size_holds_out_whole_samples(tmp_path, monkeypatch) -> None:
+    """Paired tables hold each sample twice (base and fine-tuned rows): a split by row would put most
+    samples on both sides, and the held-out score would measure memorised rows."""
+    import fimmia_hf.training as training
+
+    base, finetuned = _paired_tables(tmp_path)
+    seen = {}
+    monkeypatch.setattr(training, "train_detector", lambda train, eval_ds, **kw: seen.update(train=train, eval=eval_ds))
+    run_train(parse_command("train", [
+        "--train-base", base, "--train-finetuned", finetuned, "--eval-size", "0.25", "--out", str(tmp_path / "d")]))
+    train_ids, eval_ids = seen["train"]["sample_id"], seen["eval"]["sample_id"]
+    assert not set(train_ids) & set(eval_ids)
+    assert len(set(eval_ids)) == 30 and len(eval_ids) == 60  # a quarter of 120 samples, both rows of each
+    assert sorted(seen["eval"]["label"]) == [0] * 30 + [1] * 30 and len(train_ids) == 180

@@ -1,12 +1,14 @@
-"""`fimmia-hf bench [name ...]`: run the registered benchmarks, print one table, optionally write JSON."""
+"""`fimmia-hf bench [--benchmarks NAME ...]`: run the registered benchmarks, print one table, optionally write JSON."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from transformers.hf_argparser import HfArg
 
 from . import BENCHMARKS
 
@@ -34,17 +36,19 @@ def _print_table(results: dict[str, Any]) -> None:
             print(f"{name:<12} {key:<28} {shown:>12}")
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "benchmarks", nargs="*", metavar="name",
-        help=f"which benchmarks to run (default: all): {', '.join(BENCHMARKS)}",
-    )
-    parser.add_argument("--samples", type=int,
-                        help="samples per benchmark (default: each one's own; e2e measures memory at N and 4N)")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
+@dataclasses.dataclass
+class BenchArguments:
+    """`fimmia-hf bench`."""
+
+    EXAMPLE: ClassVar[str] = "fimmia-hf bench --benchmarks neighbors score --samples 64 --out bench.json"
+    benchmarks: list[str] = HfArg(default_factory=list, metadata={"metavar": "NAME"},
+                                  help=f"which benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
+    samples: int | None = HfArg(default=None, help="samples per benchmark (default: each one's own; e2e measures "
+                                "memory at N and 4N)")
+    out: str | None = HfArg(default=None, help="also write the figures to this JSON file")
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    results = run_benchmarks(args.benchmarks or list(BENCHMARKS), n_samples=args.samples, json_path=args.json)
+def run_bench(args: BenchArguments) -> int:
+    results = run_benchmarks(args.benchmarks or list(BENCHMARKS), n_samples=args.samples, json_path=args.out)
     _print_table(results)
     return 0

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any
+from typing import ClassVar
+
+from transformers.hf_argparser import HfArg
 
 from ..columns import EMBEDDING, MEDIA_EMBEDDING
 from .media import ModalityEmbedder
@@ -11,28 +14,32 @@ from .text import DEFAULT_TEXT_MODEL, DEFAULT_TEXT_TEMPLATE, TextEmbedder
 from .vectors import POOLING_MODES
 
 
-def add_embed_arguments(parser: Any) -> None:
-    """Arguments of `fimmia-hf embed`."""
-    parser.add_argument("--data", required=True, help="samples with neighbours (table file or save_to_disk folder)")
-    parser.add_argument("--out", required=True, help="output: a save_to_disk folder, or .parquet / .jsonl")
-    parser.add_argument("--model", default=DEFAULT_TEXT_MODEL,
-                        help=f"text embedding model: Hub id or folder (default: {DEFAULT_TEXT_MODEL}, the original's); "
-                             "'none' skips text embeddings")
-    parser.add_argument("--media-model", help="media embedding model (CLIP, SigLIP, CLAP, X-CLIP, any AutoModel); "
-                                              "default: media is not embedded")
-    parser.add_argument("--batch-size", type=int, help="texts (default 32) or media items (default 16) per forward")
-    parser.add_argument("--prefix", default="", help="instruction prepended to every text (e5: 'Instruct: ...\\nQuery: ')")
-    parser.add_argument("--pooling", default="auto", choices=("auto", *POOLING_MODES),
-                        help="text pooling (auto: the sentence-transformers config, else last for decoders, mean otherwise)")
-    parser.add_argument("--template", default=DEFAULT_TEXT_TEMPLATE,
-                        help="what is embedded: {text} (input or neighbour), {answer}, {input}")
-    parser.add_argument("--max-length", type=int, help="truncate texts to this many tokens")
-    parser.add_argument("--num-frames", type=int, default=8, help="frames per video")
-    parser.add_argument("--media-root", help="folder that media paths are relative to (default: the table's folder)")
-    parser.add_argument("--device", help="cuda, cuda:1, cpu ... (default: cuda if available)")
+@dataclasses.dataclass
+class EmbedArguments:
+    """`fimmia-hf embed`."""
+
+    EXAMPLE: ClassVar[str] = ("fimmia-hf embed --data neighbors --model intfloat/e5-mistral-7b-instruct "
+                              "--media-model openai/clip-vit-base-patch32 --out embedded")
+    data: str = HfArg(help="samples with neighbours (table file or save_to_disk folder)")
+    out: str = HfArg(help="output: a save_to_disk folder, or .parquet / .jsonl")
+    model: str = HfArg(default=DEFAULT_TEXT_MODEL, help=f"text embedding model: Hub id or folder (default: "
+                       f"{DEFAULT_TEXT_MODEL}, the original's); 'none' skips text embeddings")
+    media_model: str | None = HfArg(default=None, help="media embedding model (CLIP, SigLIP, CLAP, X-CLIP, any "
+                                    "AutoModel); default: media is not embedded")
+    batch_size: int | None = HfArg(default=None, help="texts (default 32) or media items (default 16) per forward")
+    prefix: str = HfArg(default="", help="instruction prepended to every text (e5: 'Instruct: ...\\nQuery: ')")
+    pooling: str = HfArg(default="auto", metadata={"choices": ("auto", *POOLING_MODES)}, help="text pooling (auto: "
+                         "the sentence-transformers config, else last for decoders, mean otherwise)")
+    template: str = HfArg(default=DEFAULT_TEXT_TEMPLATE,
+                          help="what is embedded: {text} (input or neighbour), {answer}, {input}")
+    max_length: int | None = HfArg(default=None, help="truncate texts to this many tokens")
+    num_frames: int = HfArg(default=8, help="frames per video")
+    media_root: str | None = HfArg(
+        default=None, help="folder that media paths are relative to (default: the table's folder)")
+    device: str | None = HfArg(default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)")
 
 
-def run_embed(args: Any) -> int:
+def run_embed(args: EmbedArguments) -> int:
     """`fimmia-hf embed`: add text and/or media embeddings to a sample table and save it."""
     from ..data import load_samples, modality_of, save_dataset
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+from typing import ClassVar
+
+from transformers.hf_argparser import HfArg
 
 from ..columns import MEDIA_COLUMNS, NUM_NEIGHBORS
 from .generator import NeighborGenerator
@@ -10,33 +13,43 @@ from .infill import INFILL_STYLES
 from .operations import OPS
 
 
-def add_neighbors_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="sample table or dataset folder (see `fimmia-hf validate`)")
-    parser.add_argument("--out", required=True, help="output: a save_to_disk folder, or .parquet/.jsonl/.csv")
-    parser.add_argument("--model", help="infilling model for 'fill' (T5/FRED-T5/BERT id or folder)")
-    parser.add_argument("--revision", help="model revision (Hub)")
-    parser.add_argument("--num-neighbors", type=int, default=24, help="K neighbours per sample (default 24)")
-    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
-    parser.add_argument("--mask-ratio", type=float, default=0.1, help="share of words changed (default 0.1)")
-    parser.add_argument("--min-masks", type=int, default=5)
-    parser.add_argument("--max-masks", type=int, default=40)
-    parser.add_argument("--max-text-len", type=int, default=4000, help="keep the last N characters (output rows only)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--protect", action="append", default=[], metavar="REGEX", help="extra protected pattern (repeatable)"
-    )
-    parser.add_argument("--media-perturbation", action="store_true", help="also write perturbed media per neighbour")
-    parser.add_argument("--infill-style", default="auto", choices=["auto", *INFILL_STYLES])
-    parser.add_argument("--prefix", help="text before the masked prompt (FRED-T5: <SC1>)")
-    parser.add_argument("--column", default="input", help="text column to perturb (default input)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (default 16)")
-    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--cache-dir", help="stage cache folder (default $FIMMIA_HF_CACHE/neighbors)")
-    parser.add_argument("--modality", choices=[*MEDIA_COLUMNS, "text"], help="expected modality")
-    parser.add_argument("--media-root", help="folder media paths are relative to (default: the table's folder)")
+@dataclasses.dataclass
+class NeighborsArguments:
+    """`fimmia-hf neighbors`."""
+
+    EXAMPLE: ClassVar[str] = ("fimmia-hf neighbors --data samples.csv --model google-t5/t5-base "
+                              "--num-neighbors 24 --out neighbors")
+    data: str = HfArg(help="sample table or dataset folder (see `fimmia-hf validate`)")
+    out: str = HfArg(help="output: a save_to_disk folder, or .parquet/.jsonl/.csv")
+    model: str | None = HfArg(
+        default=None, help="infilling model for 'fill' (T5/FRED-T5/BERT Hub id or folder)")
+    revision: str | None = HfArg(default=None, help="model revision (Hub)")
+    num_neighbors: int = HfArg(default=24, help="K neighbours per sample")
+    ops: str = HfArg(default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    mask_ratio: float = HfArg(default=0.1, help="share of words changed")
+    min_masks: int = HfArg(default=5, help="fewest words changed per neighbour")
+    max_masks: int = HfArg(default=40, help="most words changed per neighbour")
+    max_text_len: int = HfArg(default=4000, help="keep the last N characters (output rows only)")
+    seed: int = HfArg(default=0, help="seed; with the sample's content it fixes its neighbours")
+    protect: list[str] = HfArg(
+        default_factory=list, help="extra protected patterns (regular expressions)", metadata={"metavar": "REGEX"})
+    media_perturbation: bool = HfArg(
+        default=False, help="also write perturbed media per neighbour")
+    infill_style: str = HfArg(
+        default="auto", help="how masks are written for the infiller", metadata={"choices": ["auto", *INFILL_STYLES]})
+    prefix: str | None = HfArg(default=None, help="text before the masked prompt (FRED-T5: <SC1>)")
+    column: str = HfArg(default="input", help="text column to perturb")
+    batch_size: int = HfArg(default=16, help="sequences per generate call")
+    device: str | None = HfArg(default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    cache_dir: str | None = HfArg(
+        default=None, help="stage cache folder (default $FIMMIA_HF_CACHE/neighbors)")
+    modality: str | None = HfArg(
+        default=None, help="expected modality", metadata={"choices": [*MEDIA_COLUMNS, "text"]})
+    media_root: str | None = HfArg(
+        default=None, help="folder media paths are relative to (default: the table's folder)")
 
 
-def run_neighbors(args: argparse.Namespace) -> int:
+def run_neighbors(args: NeighborsArguments) -> int:
     from ..data import load_samples, save_dataset
 
     ds = load_samples(args.data, modality=args.modality, media_root=args.media_root)

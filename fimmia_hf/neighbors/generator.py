@@ -20,9 +20,9 @@ from typing import Any, ClassVar
 import datasets
 import numpy as np
 
-from ..columns import INPUT, MEDIA_NEIGHBORS, NEIGHBOR_OPS, NEIGHBORS, NUM_NEIGHBORS, SAMPLE_ID
+from ..columns import ANSWER, INPUT, MEDIA_NEIGHBORS, NEIGHBOR_OPS, NEIGHBORS, NUM_NEIGHBORS, SAMPLE_ID
 from ..media import MediaError
-from ..stage import Stage, StageContext, resolve_device
+from ..stage import Stage, StageContext, media_digest, resolve_device
 from .infill import INFILL_STYLES, Infiller, load_infiller
 from .operations import OPS, derive_seed, edit, fill_request, mask_count
 from .perturb_media import MediaPerturbation, write_perturbed
@@ -36,6 +36,7 @@ class _RowState:
     """One row's neighbours as they are made: per op, and every text seen so far (kept distinct)."""
 
     sample_id: str
+    content: str  # what seeds its draws (see `content_key`)
     text: Words
     mask_count: int
     seen: set[str]
@@ -46,6 +47,15 @@ class _RowState:
         if candidate not in self.seen and len(self.made[op]) < quota:
             self.seen.add(candidate)
             self.made[op].append(candidate)
+
+
+def content_key(batch: dict[str, list], j: int, column: str, media_column: str | None) -> str:
+    """What seeds row `j`'s neighbours: its content (the text perturbed, the answer, the media bytes), never its
+    `sample_id`, which hashes `ds_name` and the media path as written; so a sample gets the same neighbours from
+    a table file, the CLI or the pipeline, from any folder."""
+    answer = batch[ANSWER][j] if ANSWER in batch else ""
+    media = media_digest(batch[media_column][j]) if media_column else ""
+    return f"{derive_seed(batch[column][j], answer, media):016x}"
 
 
 class NeighborGenerator(Stage):
@@ -59,7 +69,7 @@ class NeighborGenerator(Stage):
         mask_ratio, min_masks, max_masks: words changed per neighbour: `mask_ratio` of the words,
             clipped to [min(min_masks, eligible - 1), max_masks] (the original's rule).
         max_text_len: longer prompts keep their last `max_text_len` characters (in the output rows only).
-        seed: with `sample_id`, fixes every random choice.
+        seed: with the sample's content (`content_key`), fixes every random choice.
         protected: extra regexes (str or compiled) whose matches are never touched, on top of
             `DEFAULT_PROTECTED` (media placeholders, option letters, answer/question markers).
         media_perturbation: also write one perturbed media file per neighbour (`media_neighbors`);
@@ -71,7 +81,7 @@ class NeighborGenerator(Stage):
     """
 
     name: ClassVar[str] = "neighbors"
-    version: ClassVar[str] = "2"
+    version: ClassVar[str] = "3"  # 3: draws seeded by the sample's content, not its sample_id
     settings: ClassVar[tuple[str, ...]] = (
         "ops", "num_neighbors", "mask_ratio", "min_masks", "max_masks", "max_text_len", "seed", "patterns",
         "media", "infill_style", "infill_overrides", "dtype", "column",
@@ -174,19 +184,20 @@ class NeighborGenerator(Stage):
         words = text if isinstance(text, Words) else Words.parse(text, self.patterns)
         return mask_count(words, self.mask_ratio, self.min_masks, self.max_masks)
 
-    def _rng(self, sample_id: str, op: str, k: int) -> np.random.Generator:
-        return np.random.default_rng(derive_seed(self.seed, sample_id, op, k))
+    def _rng(self, content: str, op: str, k: int) -> np.random.Generator:
+        return np.random.default_rng(derive_seed(self.seed, content, op, k))
 
     # ------------------------------------------------------------------ the map function
     def process(self, batch: dict[str, list], context: StageContext) -> dict[str, list]:
         """Neighbours for a batch of rows (called by `datasets.map`)."""
         texts, ids = batch[self.column], batch[SAMPLE_ID]
+        contents = [content_key(batch, j, self.column, context.media_column) for j in range(len(texts))]
         truncated = [len(t) > self.max_text_len for t in texts]
         texts = [truncate_tail(t, self.max_text_len) for t in texts]
         states = []
-        for text, sid in zip(texts, ids):
+        for text, sid, content in zip(texts, ids, contents):
             words = Words.parse(text, self.patterns)
-            states.append(_RowState(sid, words, self.masks_per_neighbor(words), seen={text},
+            states.append(_RowState(sid, content, words, self.masks_per_neighbor(words), seen={text},
                                     made={op: [] for op in self.ops}, attempts=dict.fromkeys(self.ops, 0)))
         quotas = self.quotas()
         for op in self.ops:
@@ -207,19 +218,20 @@ class NeighborGenerator(Stage):
         if self.media and context.media_column:
             folder = context.folder / f"media-{context.fingerprint}"
             out[MEDIA_NEIGHBORS] = [
-                self._media_for(batch, j, len(neighbors), folder, context) for j, neighbors in enumerate(out[NEIGHBORS])
+                self._media_for(batch, j, len(neighbors), folder, context, contents[j])
+                for j, neighbors in enumerate(out[NEIGHBORS])
             ]
         return out
 
     def _run_edit(self, states: list[_RowState], op: str, quota: int) -> None:
-        """Delete / duplicate / swap neighbours, each draw seeded by (seed, sample_id, op, k)."""
+        """Delete / duplicate / swap neighbours, each draw seeded by (seed, content, op, k)."""
         for state in states:
             if state.mask_count == 0:
                 continue
             for k in range(4 * quota + 8):
                 if len(state.made[op]) >= quota:
                     break
-                candidate = edit(state.text, op, state.mask_count, self._rng(state.sample_id, op, k))
+                candidate = edit(state.text, op, state.mask_count, self._rng(state.content, op, k))
                 if candidate is None:
                     break
                 state.offer(op, candidate, quota)
@@ -234,7 +246,7 @@ class NeighborGenerator(Stage):
                 for _ in range(quota - len(state.made["fill"])):
                     k = state.attempts["fill"]
                     state.attempts["fill"] = k + 1
-                    rng = self._rng(state.sample_id, "fill", k)
+                    rng = self._rng(state.content, "fill", k)
                     requests.append(fill_request(r, state.text, state.mask_count, rng))
             if not requests:
                 return
@@ -252,15 +264,16 @@ class NeighborGenerator(Stage):
                 stacklevel=2,
             )
 
-    def _media_for(self, batch: dict[str, list], j: int, count: int, folder: Path, context: StageContext) -> list[str]:
+    def _media_for(self, batch: dict[str, list], j: int, count: int, folder: Path, context: StageContext,
+                   content: str) -> list[str]:
         """Row `j`'s perturbed media, one file per neighbour, named by sample and index and seeded by
-        (seed, sample_id, k)."""
+        (seed, content, k)."""
         modality, sample_id = context.media_column, batch[SAMPLE_ID][j]
         value = batch[modality][j]
         if value is None or count == 0:
             return []
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", str(sample_id))[:48] + f"-{derive_seed(sample_id) % 16**8:08x}"
-        seeds = [derive_seed(self.seed, sample_id, "media", k) for k in range(count)]
+        seeds = [derive_seed(self.seed, content, "media", k) for k in range(count)]
         try:
             return write_perturbed(modality, value, seeds, folder, stem, self.media)
         except MediaError as err:

@@ -2,36 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import ClassVar
 
 import numpy as np
+from transformers.hf_argparser import HfArg
 
 from ..columns import LOSS
 from .scorer import TargetScorer, score_distributed
 
 
-def add_score_arguments(parser: Any) -> None:
-    """Arguments of `fimmia-hf score`."""
-    parser.add_argument("--data", required=True, help="sample table or dataset folder (with a 'neighbors' column to score neighbours)")
-    parser.add_argument("--model", required=True, help="target model: Hub id, local folder or PEFT adapter folder")
-    parser.add_argument("--out", required=True, help="output: dataset folder, or .parquet/.csv/.jsonl file")
-    parser.add_argument("--name", help="label written to a 'model_name' column (e.g. base / finetuned)")
-    parser.add_argument("--revision", help="model revision (Hub ids)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
-    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="rows with unreadable media: stop, or keep them with an 'error' column and NaN scores")
-    parser.add_argument("--token-stats", choices=("none", "original", "all"), default="original", help="per-token statistics for the original only (default), for neighbours too, or none")
-    parser.add_argument("--score-prompt", action="store_true", help="score every text token, not only the answer")
-    parser.add_argument("--include-closing-tokens", action="store_true", help="also score the template tokens that close the answer (as the original FiMMIA)")
-    parser.add_argument("--max-length", type=int, help="truncate longer prompts from the left (never the answer)")
-    parser.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16, float32")
-    parser.add_argument("--device-map", help="e.g. auto (single process only)")
-    parser.add_argument("--system-prompt", help="system message added to every chat")
-    parser.add_argument("--num-frames", type=int, default=8, help="video frames sampled per clip (default: 8)")
-    parser.add_argument("--media-root", help="folder media paths are relative to (default: the table's folder)")
-    parser.add_argument("--cache-dir", help="stage cache folder (default: $FIMMIA_HF_CACHE or the datasets cache)")
+@dataclasses.dataclass
+class ScoreArguments:
+    """`fimmia-hf score`."""
+
+    EXAMPLE: ClassVar[str] = "fimmia-hf score --data embedded --model Qwen/Qwen2.5-VL-3B-Instruct --name base --out scored"
+    data: str = HfArg(help="sample table or dataset folder (with a 'neighbors' column to score neighbours)")
+    model: str = HfArg(help="target model: Hub id, local folder or PEFT adapter folder")
+    out: str = HfArg(help="output: dataset folder, or .parquet/.csv/.jsonl file")
+    name: str | None = HfArg(default=None, help="label written to a 'model_name' column (e.g. base / finetuned)")
+    revision: str | None = HfArg(default=None, help="model revision (Hub ids)")
+    batch_size: int = HfArg(default=8, help="sequences per forward pass")
+    on_error: str = HfArg(default="raise", metadata={"choices": ("raise", "skip")}, help="rows with unreadable media: "
+                          "stop, or keep them with an 'error' column and NaN scores")
+    token_stats: str = HfArg(default="original", metadata={"choices": ("none", "original", "all")},
+                             help="per-token statistics for the original only, for neighbours too, or none")
+    score_prompt: bool = HfArg(default=False, help="score every text token, not only the answer")
+    include_closing_tokens: bool = HfArg(
+        default=False, help="also score the template tokens that close the answer (as the original FiMMIA)")
+    max_length: int | None = HfArg(default=None, help="truncate longer prompts from the left (never the answer)")
+    dtype: str = HfArg(default="auto", help="model dtype: auto, bfloat16, float16, float32")
+    device_map: str | None = HfArg(default=None, help="e.g. auto (single process only)")
+    system_prompt: str | None = HfArg(default=None, help="system message added to every chat")
+    num_frames: int = HfArg(default=8, help="video frames sampled per clip")
+    media_root: str | None = HfArg(
+        default=None, help="folder media paths are relative to (default: the table's folder)")
+    cache_dir: str | None = HfArg(
+        default=None, help="stage cache folder (default: $FIMMIA_HF_CACHE or the datasets cache)")
 
 
-def run_score(args: Any) -> int:
+def run_score(args: ScoreArguments) -> int:
     """`fimmia-hf score`: load samples, score them (sharded under accelerate), save the table."""
     from ..data import load_samples, save_dataset
 

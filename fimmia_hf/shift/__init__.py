@@ -16,17 +16,17 @@ an interval, so :func:`sanity_warning` can tell a failed check from noise.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from threadpoolctl import threadpool_limits
+from transformers.hf_argparser import HfArg
 
 from ..data import labels_of, table_column, table_columns
 from ..metrics import json_safe
@@ -41,7 +41,7 @@ __all__ = [
     "run_blind_baselines",
     "sanity_warning",
     "describe_evaluation",
-    "add_shift_arguments",
+    "ShiftArguments",
     "run_shift",
 ]
 
@@ -394,32 +394,34 @@ def describe_evaluation(results: Mapping[str, Mapping[str, Any]]) -> str | None:
 # command line (wired into `fimmia-hf shift` by cli.py)
 
 
-def add_shift_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Options of ``fimmia-hf shift``."""
-    parser.add_argument("--data", required=True, help="labelled samples: CSV/TSV/Parquet/JSON(L) table or save_to_disk folder")
-    parser.add_argument("--test-data", default=None, help="optional test split: fit on --data, score this")
-    parser.add_argument("--modality", choices=("text", *MEDIA_MODALITIES), default=None, help="default: from the media column")
-    parser.add_argument("--media-root", default=None, help="folder that relative media paths start from")
-    parser.add_argument("--folds", type=int, default=5, help="outer cross-validation folds (default 5)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fpr-budget", type=float, default=0.01, help="FPR budget of the greedy n-gram rules")
-    parser.add_argument("--methods", default=None, help="comma-separated subset of the baselines")
-    parser.add_argument("--search", choices=tuple(SEARCH_PRESETS), default="standard", help="hyper-parameter grid size")
-    parser.add_argument("--no-sanity", action="store_true", help="skip the permuted-label check")
-    parser.add_argument(
-        "--sanity-repeats", type=int, default=SANITY_REPEATS,
-        help=f"label permutations in the permuted-label check (default {SANITY_REPEATS}; at least 2)",
-    )
-    parser.add_argument("--out", default=None, help="write the results (metrics and scores) to this JSON file")
-    return parser
+@dataclass
+class ShiftArguments:
+    """`fimmia-hf shift`."""
+
+    EXAMPLE: ClassVar[str] = "fimmia-hf shift --data samples.csv --modality image --out shift.json"
+    data: str = HfArg(help="labelled samples: CSV/TSV/Parquet/JSON(L) table or save_to_disk folder")
+    test: str | None = HfArg(default=None, help="optional test split: fit on --data, score this")
+    modality: str | None = HfArg(default=None, metadata={"choices": ("text", *MEDIA_MODALITIES)},
+                                 help="the samples' modality (default: from the media column)")
+    media_root: str | None = HfArg(default=None, help="folder that relative media paths start from")
+    folds: int = HfArg(default=5, help="outer cross-validation folds")
+    seed: int = HfArg(default=0, help="seed of the folds and the models")
+    fpr_budget: float = HfArg(default=0.01, help="FPR budget of the greedy n-gram rules")
+    methods: str | None = HfArg(default=None, help="comma-separated subset of the baselines (default: all)")
+    search: str = HfArg(default="standard", metadata={"choices": tuple(SEARCH_PRESETS)},
+                        help="hyper-parameter grid size")
+    sanity: bool = HfArg(default=True, help="run the permuted-label check (--no-sanity skips it)")
+    sanity_repeats: int = HfArg(default=SANITY_REPEATS,
+                                help="label permutations in the permuted-label check (at least 2)")
+    out: str | None = HfArg(default=None, help="write the results (metrics and scores) to this JSON file")
 
 
-def run_shift(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def run_shift(args: ShiftArguments) -> dict[str, dict[str, Any]]:
     """``fimmia-hf shift``: load, run the blind baselines, print a table, optionally write JSON."""
     from ..data import load_samples
 
     ds = load_samples(args.data, modality=args.modality, media_root=args.media_root)
-    test_ds = load_samples(args.test_data, modality=args.modality, media_root=args.media_root) if args.test_data else None
+    test_ds = load_samples(args.test, modality=args.modality, media_root=args.media_root) if args.test else None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     results = run_blind_baselines(
         ds,
@@ -430,7 +432,7 @@ def run_shift(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         test_ds=test_ds,
         methods=methods,
         search=args.search,
-        sanity=not args.no_sanity,
+        sanity=args.sanity,
         sanity_repeats=args.sanity_repeats,
     )
     print(f"{'method':<32} {'AUC [95% CI]':>22} {'TPR@1%FPR':>10}")

@@ -1,6 +1,7 @@
 """`evaluate` wrapper of :func:`fimmia_hf.metrics.membership_metrics`.
 
-Load offline with ``evaluate.load(fimmia_hf.metrics.evaluate_module_path())`` (the path of this file), then
+Load offline from its folder, ``evaluate.load(fimmia_hf.metrics.evaluate_module_path())`` (the folder of this
+file, which ``evaluate`` loads like a Hub metric), then
 ``metric.compute(prediction_scores=scores, references=labels, groups=ds_names)``. The numbers are exactly
 those of ``membership_metrics`` (AUC, TPR@0.1/1/5 %FPR without interpolation, FPR@95%TPR, stratified
 bootstrap intervals, warnings, per-group results).
