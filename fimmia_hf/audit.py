@@ -262,12 +262,14 @@ class AuditArguments:
 
 def run_audit(cfg: AuditArguments) -> dict[str, Any]:
     """``fimmia-hf audit``: prints the verdict, writes the JSON; returns the result."""
+    from .data import check_writable
+
+    check_writable(cfg.out)  # the scores computed for the audit live in a temporary cache: fail before them
     pipeline_kwargs = {k: v for k, v in (("target_model", cfg.target_model), ("device", cfg.device)) if v is not None}
     result = audit(cfg.suspect, cfg.reference, detector=cfg.detector, score=cfg.score, test=cfg.test, alpha=cfg.alpha,
                    blind=cfg.blind, modality=cfg.modality, media_root=cfg.media_root, search=cfg.search, seed=cfg.seed,
                    pipeline_kwargs=pipeline_kwargs)
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     di = result["dataset_inference"]
     print(f"{di['n_suspect']} suspect vs {di['n_reference']} reference samples, {result['score']}, {di['test']} test\n"

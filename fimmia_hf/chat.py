@@ -74,7 +74,7 @@ class ChatEncoding:
     answer_span: tuple[int, int]
     inputs: dict[str, Any] = field(default_factory=dict)
     media_span: tuple[int, int] | None = None
-    truncated: int = 0
+    truncated: int = 0  # characters cut from the left of the user text to fit `max_length`
 
     @property
     def score_positions(self) -> list[int]:
@@ -236,10 +236,10 @@ class ChatEncoder:
 
     def _fit(self, text: str, answer: str, media: Any, modality: str | None) -> tuple[ChatEncoding, list[int], str]:
         """Encode, cutting the user text from the left until the conversation fits `max_length`."""
+        original, text = text, self._cut_characters(text, modality)
         encoding, tok_ids = self._encode_one(text, answer, media, modality)
-        if self.max_length is None or len(encoding.input_ids) <= self.max_length:
+        if self.max_length is None or (len(encoding.input_ids) <= self.max_length and text == original):
             return encoding, tok_ids, text
-        removed = 0
         for _ in range(4):
             overflow = len(encoding.input_ids) - self.max_length
             if overflow <= 0:
@@ -249,13 +249,34 @@ class ChatEncoder:
                 raise ValueError(
                     f"the conversation needs {len(encoding.input_ids)} tokens without any user text; max_length={self.max_length}"
                 )
-            removed += cut
             encoding, tok_ids = self._encode_one(text, answer, media, modality)
         if len(encoding.input_ids) > self.max_length:
             raise ValueError(f"cannot fit the prompt into max_length={self.max_length}")
-        encoding.truncated = removed
-        warnings.warn(f"prompt truncated from the left by {removed} tokens to fit max_length={self.max_length}", stacklevel=3)
+        encoding.truncated = len(original) - len(text)
+        warnings.warn(
+            f"prompt of {len(original)} characters truncated from the left by {encoding.truncated} to fit "
+            f"max_length={self.max_length} tokens", stacklevel=3,
+        )
         return encoding, tok_ids, text
+
+    def _cut_characters(self, text: str, modality: str | None) -> str:
+        """A prompt far longer than `max_length` loses characters from its left before any tokenizing.
+
+        It keeps 16 characters per allowed token when those still make `max_length` tokens (else the whole
+        text goes to the exact cut), so a 1 MB prompt is not tokenized whole several times (seconds each).
+        """
+        keep = 16 * self.max_length if self.max_length else len(text)
+        if len(text) <= keep:
+            return text
+        placeholder = f"<{modality}>" if modality else None
+        parts = text.split(placeholder, 1) if placeholder and placeholder in text else [text]
+        excess, out = len(text) - keep, []
+        for part in parts:
+            take = min(excess, len(part))
+            excess -= take
+            out.append(part[take:])
+        cut = placeholder.join(out) if len(parts) == 2 else out[0]
+        return cut if len(self.tokenizer(cut, add_special_tokens=False)["input_ids"]) >= self.max_length else text
 
     def _cut_left(self, text: str, n: int, modality: str | None) -> tuple[str, int]:
         """Drop `n` tokens from the start of the user text, keeping the media placeholder."""

@@ -92,10 +92,31 @@ def command_parser(name: str) -> Any:
     return parser
 
 
+def check_config_file(path: str) -> None:
+    """Refuse a `--config` file that is not a YAML mapping in one line naming its line and column (TrlParser would
+    end in a parser traceback, or a message without the place)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML: {where}{getattr(err, 'problem', None) or err}") from None
+    if not isinstance(loaded, dict):
+        got = "an empty file" if loaded is None else f"a {type(loaded).__name__}"
+        raise ValueError(f"{path}: expected a mapping of option names to values, got {got}")
+
+
 def parse_command(name: str, argv: list[str]) -> Any:
     """`argv` (what follows the command name) parsed into the command's arguments dataclass."""
     argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     parser = command_parser(name)
+    if "--config" in argv:
+        if argv.index("--config") + 1 == len(argv):
+            parser.error("argument --config: expected one argument")
+        check_config_file(argv[argv.index("--config") + 1])
     args, *_, from_config, unknown = parser.parse_args_and_config(
         argv, return_remaining_strings=True, separate_remaining_strings=True)
     if from_config:
@@ -143,13 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         _top_parser().parse_args(argv[:1])  # help, version, or a usage error naming the commands
         return 2
     name = argv[0]
+    from .configuration_fimmia import PickledWeightsError  # here, not at the top: `fimmia-hf --help` stays fast
+
     try:
         args = parse_command(name, argv[1:])
         if name in DISTRIBUTED and (code := _relaunch_with_accelerate(argv)) is not None:
             return code
         result = getattr(importlib.import_module(f"fimmia_hf.{COMMANDS[name][0]}"), f"run_{name}")(args)
         return result if isinstance(result, int) else 0
-    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
+    except (ValueError, OSError, PickledWeightsError) as err:  # bad input, unreadable or unwritable files: one line
         print(f"fimmia-hf {name}: error: {err}", file=sys.stderr)
         return 2
 

@@ -36,3 +36,9 @@ ERROR = "error"
 
 # columns whose values may name files: a stage's input fingerprint covers those files' content
 MEDIA_REFERENCES = (*MEDIA_COLUMNS, MEDIA_NEIGHBORS)
+
+# columns holding lists, which a CSV file can only store as text (the scorer's token_<stat> lists too)
+LIST_COLUMNS = (
+    NEIGHBORS, NEIGHBOR_OPS, MEDIA_NEIGHBORS, EMBEDDING, NEIGHBOR_EMBEDDINGS, MEDIA_EMBEDDING, NEIGHBOR_MEDIA_EMBEDDINGS,
+    NEIGHBOR_LOSSES,
+)

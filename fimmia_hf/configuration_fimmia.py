@@ -40,6 +40,54 @@ def split_reference(reference: str) -> tuple[str, str | None]:
     return repo_id, revision or None
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_NOT_WEIGHTS = ("training_args.bin",)  # Trainer's pickled arguments: never loaded by anyone here
+
+
+class PickledWeightsError(Exception):
+    """A model folder or file whose weights are pickles, which can run code when read; refused unread.
+
+    Not an `OSError`/`ValueError`: loaders that retry on those (`transformers.pipeline` tries other classes and
+    dtypes) pass this one through as it is.
+    """
+
+
+def _safetensors_name(name: str) -> str:
+    stem = name.rsplit(".", 1)[0]
+    return {"pytorch_model": "model", "adapter_model": "adapter_model"}.get(stem, stem) + ".safetensors"
+
+
+def refuse_pickled_weights(path: str | os.PathLike, subfolder: str = "") -> None:
+    """Stop before loading a local model whose weights exist only as pickles (``.bin``, ``.pt``, ``.pkl``, ...).
+
+    Every loader of fimmia-hf calls this first and then loads with ``use_safetensors=True``, so a pickle is
+    never opened: reading one can run arbitrary code. A folder holding safetensors weights too loads those
+    (the pickles are ignored). Hub ids are not local paths: there ``use_safetensors=True`` does the refusing.
+    """
+    folder = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
+    if os.path.isfile(folder):
+        folder, names = os.path.dirname(folder), [os.path.basename(folder)]
+    elif os.path.isdir(folder):
+        names = sorted(os.listdir(folder))
+        if any(n.endswith(".safetensors") for n in names):
+            return
+    else:
+        return
+    pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES) and n not in _NOT_WEIGHTS]
+    if not pickled:
+        return
+    source = os.path.join(folder, pickled[0])
+    target = os.path.join(folder, _safetensors_name(pickled[0]))
+    raise PickledWeightsError(
+        f"{folder}: the weights are pickles ({', '.join(pickled)}), and fimmia-hf loads safetensors only (reading a "
+        "pickle can run arbitrary code). If you trust the file, convert it once, then load the folder again:\n"
+        '  python -c "import torch, safetensors.torch as st; '
+        f"st.save_file({{k: v.contiguous().clone() for k, v in torch.load({source!r}, weights_only=True).items()}}, "
+        f"{target!r}, metadata={{'format': 'pt'}})\"\n"
+        "(a sharded checkpoint: load it with its own library and save_pretrained it, which writes safetensors)"
+    )
+
+
 def _is_json(value: Any) -> bool:
     try:
         json.dumps(value)
@@ -234,7 +282,8 @@ class FiMMIAConfig(PreTrainedConfig):
         return self.uses_embeddings and self.media_embedding_dim > 0
 
 
-__all__ = ["COMPONENTS", "FiMMIAConfig", "component_reference", "split_reference"]
+__all__ = ["COMPONENTS", "FiMMIAConfig", "PickledWeightsError", "component_reference", "refuse_pickled_weights",
+           "split_reference"]
 
 
 FiMMIAConfig.register_for_auto_class()  # saved detectors carry this file: `trust_remote_code=True` works anywhere

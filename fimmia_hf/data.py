@@ -8,9 +8,11 @@ and the user's files are only ever read.
 
 from __future__ import annotations
 
+import codecs
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -19,9 +21,10 @@ from typing import Any, ClassVar
 
 import datasets
 import numpy as np
+import pyarrow as pa
 from transformers.hf_argparser import HfArg
 
-from .columns import ANSWER, DS_NAME, INPUT, LABEL, MEDIA_COLUMNS, SAMPLE_ID
+from .columns import ANSWER, DS_NAME, INPUT, LABEL, LIST_COLUMNS, MEDIA_COLUMNS, SAMPLE_ID
 from .media import MediaError, load_media
 from .stage import default_cache_dir, discard_if_damaged
 
@@ -45,8 +48,8 @@ def _rows_message(where: str, column: str, problem: str, rows: list[tuple[int, s
 def read_table(path: str | os.PathLike) -> datasets.Dataset:
     """Read a table file or `save_to_disk` folder as it is (no validation): stage outputs, paired tables.
 
-    Text columns keep what the user wrote (answer "1" stays "1"). A folder is read into our cache, so
-    no later transform writes beside the user's files.
+    Text columns keep what the user wrote (answer "1" stays "1"); a CSV/JSON `label` becomes 0/1 (empty:
+    missing). A folder is read into our cache, so no later transform writes beside the user's files.
     """
     import pandas as pd
 
@@ -64,18 +67,89 @@ def read_table(path: str | os.PathLike) -> datasets.Dataset:
         if suffix == ".parquet":  # typed already: read as it is (feature columns stay list<float32>)
             return datasets.Dataset.from_parquet(str(path))
         if suffix in _TABLE_SUFFIXES:  # strings throughout: answer "1" stays "1", "" stays ""
-            frame = pd.read_csv(path, sep=_TABLE_SUFFIXES[suffix], dtype=str, keep_default_na=False)
+            frame = pd.read_csv(io.StringIO(_read_text(path)), sep=_TABLE_SUFFIXES[suffix], dtype=str, keep_default_na=False)
         elif suffix in (".json", ".jsonl"):
-            frame = pd.read_json(path, lines=suffix == ".jsonl", dtype=False, convert_dates=False)
+            frame = _read_json(path, lines=suffix == ".jsonl")
         else:
             raise SampleError(f"{path}: unsupported format {suffix!r}; use CSV, TSV, Parquet, JSON, JSONL or a dataset folder")
     except SampleError:
         raise
     except Exception as err:
         raise SampleError(f"{path}: cannot read the table: {err}") from err
-    for column in _TEXT_COLUMNS & set(frame.columns):  # JSON/Parquet may hold numbers or mixed types here
-        frame[column] = frame[column].map(_as_text)
+    lists = [c for c in frame.columns if c in LIST_COLUMNS or c.startswith(("token_", "neighbor_token_"))]
+    if suffix in _TABLE_SUFFIXES and lists:
+        raise SampleError(f"{path}: the list columns {', '.join(lists)} were written to CSV as text and cannot be "
+                          "read back; write stage outputs as .parquet, .jsonl or a folder")
+    for column in _TEXT_COLUMNS & set(frame.columns):  # JSON may hold numbers or mixed types here
+        frame[column] = text_values(frame[column].tolist(), str(path), column)
+    if LABEL in frame.columns:  # CSV cells are text: "1" is the label 1
+        frame[LABEL] = pd.array(labels_of(frame[LABEL].tolist(), str(path), missing_ok=True), dtype="Int64")
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def _read_text(path: Path) -> str:
+    """A table file as UTF-8 text (a BOM dropped); a byte that is not UTF-8 names its line, not a buffer position."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise SampleError(f"{path}: line {line}: not UTF-8 text (byte {data[err.start]:#04x}: {err.reason}); "
+                          "save the file as UTF-8") from None
+
+
+def _read_json(path: Path, *, lines: bool) -> Any:
+    """A JSON (records or columns) or JSON Lines file as a DataFrame; a syntax error names its line."""
+    import pandas as pd
+
+    text = _read_text(path)
+    try:
+        if not lines:
+            json.loads(text)  # only for the error: pandas reports a character position, json the line
+            return pd.read_json(io.StringIO(text), dtype=False, convert_dates=False)
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise SampleError(f"{path}: line {number}: expected a JSON object per line, got {type(record).__name__}")
+                records.append(record)
+    except json.JSONDecodeError as err:
+        line = number if lines else err.lineno
+        raise SampleError(f"{path}: line {line}, column {err.colno}: not valid JSON ({err.msg})") from None
+    return pd.DataFrame.from_records(records)
+
+
+def text_values(values: list[Any], where: str, column: str) -> list[str]:
+    """A text column's values as strings; lists, dicts and arrays are refused, naming their rows.
+
+    Numbers become text on purpose (a JSON/Parquet answer 1 or 1.0 is the answer "1"), missing values "".
+    """
+    bad = [(i + 1, f"a {type(v).__name__}: {str(v)[:60]}") for i, v in enumerate(values) if not _is_scalar(v)]
+    if bad:
+        raise SampleError(_rows_message(where, column, "expected text, got a list, mapping or array", bad))
+    return [_as_text(v) for v in values]
+
+
+def labels_of(values: list[Any], where: str, *, missing_ok: bool = False) -> list[int | None]:
+    """Membership labels as 0/1 from ints, bools or their text ("1", "1.0", "true"); bad rows are named.
+
+    `missing_ok` lets empty cells through as None (tables to predict on need no labels).
+    """
+    labels, bad = [], []
+    for i, value in enumerate(values):
+        text = _as_text(value).strip().lower() if _is_scalar(value) else repr(value)
+        label = {"0": 0, "1": 1, "false": 0, "true": 1, "0.0": 0, "1.0": 1}.get(text)
+        if label is None and not (missing_ok and text == ""):
+            bad.append((i + 1, f"{value!r}"))
+        labels.append(label)
+    if bad:
+        raise SampleError(_rows_message(where, LABEL, "label must be 0 (non-member) or 1 (member)", bad))
+    return labels
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool, np.generic))
 
 
 def _as_text(value: Any) -> str:
@@ -145,6 +219,9 @@ def load_samples(
     Media paths are resolved against `media_root` (default: the table's folder) and stored
     absolute. `ds_name` fills the column when the table has none (default: the file's stem).
     Columns added by later stages pass through unchanged, so stage outputs load back too.
+    `input`, `answer`, `ds_name` and `sample_id` must be text (numbers are written as text). An empty
+    `answer` is allowed on purpose: scoring the prompt (`answer_only=False`) or the closing tokens
+    needs none; `TargetScorer` stops, naming the row, when a row leaves it nothing to score.
     """
     import pandas as pd
 
@@ -169,27 +246,18 @@ def load_samples(
         raise SampleError(f"{where}: missing required column(s) {', '.join(map(repr, missing))} (columns: {', '.join(columns)})")
     media = _media_column(columns, modality, where)
 
-    inputs = [_as_text(v) for v in ds["input"]]
+    inputs = text_values(ds[INPUT], where, INPUT)
     empty = [(i + 1, "empty text") for i, text in enumerate(inputs) if not text.strip()]
     if empty:
         raise SampleError(_rows_message(where, "input", "empty input", empty))
-    updates: dict[str, list] = {"input": inputs, "answer": [_as_text(v) for v in ds["answer"]]}
+    updates: dict[str, list] = {INPUT: inputs, ANSWER: text_values(ds[ANSWER], where, ANSWER)}
     if "ds_name" in columns:
-        updates["ds_name"] = [_as_text(v) or default_name for v in ds["ds_name"]]
+        updates["ds_name"] = [v or default_name for v in text_values(ds[DS_NAME], where, DS_NAME)]
     else:
         updates["ds_name"] = [default_name] * len(ds)
 
     if "label" in columns:
-        labels, bad = [], []
-        for i, value in enumerate(ds["label"]):
-            text = _as_text(value).strip().lower()
-            label = {"0": 0, "1": 1, "false": 0, "true": 1, "0.0": 0, "1.0": 1}.get(text)
-            if label is None:
-                bad.append((i + 1, f"{value!r}"))
-            labels.append(label)
-        if bad:
-            raise SampleError(_rows_message(where, "label", "label must be 0 (non-member) or 1 (member)", bad))
-        updates["label"] = labels
+        updates["label"] = labels_of(ds[LABEL], where)
 
     is_path_column = media is not None and isinstance(ds.features[media], datasets.Value)
     if is_path_column:
@@ -207,7 +275,7 @@ def load_samples(
         media_keys = ds.cast_column(media, feature)[media]
 
     if "sample_id" in columns:
-        ids = [_as_text(v) for v in ds["sample_id"]]
+        ids = text_values(ds[SAMPLE_ID], where, SAMPLE_ID)
     else:
         keys = media_keys if media is not None else [None] * len(ds)
         ids = [sample_id_of(n, t, a, m) for n, t, a, m in zip(updates["ds_name"], inputs, updates["answer"], keys)]
@@ -309,25 +377,44 @@ def split_samples(
     return ds.select(train_rows), ds.select(test_rows)
 
 
+def check_writable(out: str | os.PathLike) -> None:
+    """Fail before the work, not after it, when an output file cannot be written (read-only folder, a file in the way)."""
+    folder = Path(out).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot write {out} ({err}); choose another --out") from err
+    if not os.access(folder, os.W_OK):
+        raise OSError(f"cannot write {out}: {folder} is not writable (read-only?); choose another --out")
+
+
 def save_dataset(ds: datasets.Dataset, out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Write `ds` to `out` (a `save_to_disk` folder, or `.parquet` / `.csv` / `.jsonl` by suffix).
 
-    Refuses to overwrite any of `inputs`, so a stage never replaces the data it read.
+    Refuses to overwrite any of `inputs`, so a stage never replaces the data it read, and CSV for
+    tables with list columns (neighbours, embeddings, losses), which CSV would store as unreadable text.
     """
     out = Path(out)
     for source in inputs:
         if Path(source).resolve() == out.resolve():
             raise ValueError(f"refusing to overwrite the input {source}; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
     suffix = out.suffix.lower()
-    if suffix == ".parquet":
-        ds.to_parquet(str(out))
-    elif suffix == ".csv":
-        ds.to_csv(str(out), index=False)
-    elif suffix == ".jsonl":
-        ds.to_json(str(out), lines=True, force_ascii=False)
-    else:
-        ds.save_to_disk(str(out))
+    lists = [field.name for field in ds.data.schema if pa.types.is_list(field.type) or pa.types.is_large_list(field.type)]
+    if suffix == ".csv" and lists:
+        raise SampleError(f"{out}: CSV cannot hold the list columns {', '.join(lists)} (they would read back as "
+                          "text); write .parquet, .jsonl or a folder (stage results stay cached)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".parquet":
+            ds.to_parquet(str(out))
+        elif suffix == ".csv":
+            ds.to_csv(str(out), index=False)
+        elif suffix == ".jsonl":
+            ds.to_json(str(out), lines=True, force_ascii=False)
+        else:
+            ds.save_to_disk(str(out))
+    except OSError as err:  # a read-only folder, a file where a folder should be, a full disk
+        raise OSError(f"cannot write {out} ({err}); choose another --out (stage results stay cached)") from err
     return out
 
 

@@ -426,9 +426,11 @@ def membership_dataset(ds: Any) -> Any:
 
     if "label" not in ds.column_names:
         raise ValueError("member/non-member data needs a 'label' column (1 = member, 0 = non-member)")
-    bad = [i for i, v in enumerate(ds["label"]) if v not in (0, 1, True, False)]
-    if bad:
-        raise ValueError(f"column 'label' must be 0 or 1; row {bad[0]} holds {ds[bad[0]]['label']!r}")
+    from .data import labels_of
+
+    labels = labels_of(ds["label"], "member/non-member data")
+    if labels != ds["label"]:  # labels written as text ("1"): replace the column where it stands
+        ds = ds.remove_columns("label").add_column("label", labels).select_columns(ds.column_names)
     return ds.cast_column("label", datasets.Value("int64"))
 
 

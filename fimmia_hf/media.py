@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,11 @@ MEDIA_PLACEHOLDERS = {m: f"<{m}>" for m in MEDIA_COLUMNS}
 
 class MediaError(ValueError):
     """A media item is missing or cannot be decoded."""
+
+
+def _reason(err: Exception) -> str:
+    """A decoder's message without torchcodec's C++ source location ("SingleStreamDecoder, ….cpp:41, ")."""
+    return re.sub(r"^\w+, \S+\.cpp:\d+, ", "", str(err))
 
 
 def _describe(value: Any) -> str:
@@ -37,7 +43,10 @@ def _source(value: Any) -> Any:
 
 
 def load_image(value: Any) -> PIL.Image.Image:  # noqa: F821
-    """An RGB PIL image from a path, bytes, PIL image, array or datasets Image value."""
+    """An RGB PIL image from a path, bytes, PIL image, array or datasets Image value.
+
+    16-bit grayscale (PNG mode ``I;16``/``I``, uint16 arrays) is scaled from 0-65535 to 0-255, not clamped.
+    """
     from PIL import Image
 
     value = _source(value)
@@ -53,6 +62,8 @@ def load_image(value: Any) -> PIL.Image.Image:  # noqa: F821
         else:
             raise MediaError(f"cannot read an image from a {type(value).__name__}")
         image.load()
+        if image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit: scale to 8 bits (convert() would clamp)
+            image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
         return image.convert("RGB")
     except MediaError:
         raise
@@ -98,7 +109,7 @@ def load_audio(value: Any, sampling_rate: int | None = 16000) -> tuple[np.ndarra
     except MediaError:
         raise
     except Exception as err:
-        raise MediaError(f"cannot decode audio {_describe(value)}: {err}") from err
+        raise MediaError(f"cannot decode audio {_describe(value)}: {_reason(err)}") from err
     wave = wave.astype(np.float32)
     if wave.ndim == 2:  # (channels, time) from decoders; (time, channels) from soundfile-style arrays
         wave = wave.mean(axis=0 if wave.shape[0] <= wave.shape[1] else 1)
@@ -143,7 +154,7 @@ def load_video(value: Any, num_frames: int | None = 8, fps: float | None = None)
     except MediaError:
         raise
     except Exception as err:
-        raise MediaError(f"cannot decode video {_describe(value)}: {err}") from err
+        raise MediaError(f"cannot decode video {_describe(value)}: {_reason(err)}") from err
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[0] == 0:
         raise MediaError(f"video {_describe(value)} has no frames")

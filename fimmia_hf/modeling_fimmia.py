@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .configuration_fimmia import FiMMIAConfig
+from .configuration_fimmia import FiMMIAConfig, PickledWeightsError, refuse_pickled_weights
 
 
 @dataclass
@@ -113,6 +113,12 @@ class FiMMIAForMembershipInference(PreTrainedModel):
         layers.append(nn.Linear(width, 2))
         self.attack_encoding = nn.Sequential(*layers)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.from_pretrained`, safetensors only: pickled weights are refused before being read."""
+        refuse_pickled_weights(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **{**kwargs, "use_safetensors": True})
 
     def _init_weights(self, module: nn.Module) -> None:
         """PyTorch's default Linear init (as the original used); N(0, 0.02) starves this deep ReLU MLP."""
@@ -272,6 +278,7 @@ class FiMMIAForMembershipInference(PreTrainedModel):
         """
         from safetensors.torch import load_file
 
+        refuse_pickled_weights(path)
         file = os.fspath(path)
         if os.path.isdir(file):
             file = os.path.join(file, "model.safetensors")
@@ -316,7 +323,10 @@ class FiMMIAForMembershipInference(PreTrainedModel):
         return model.eval()
 
 
-__all__ = ["FiMMIAForMembershipInference", "MembershipInferenceOutput", "PeriodicEmbedding"]
+__all__ = [
+    "FiMMIAForMembershipInference", "MembershipInferenceOutput", "PeriodicEmbedding", "PickledWeightsError",
+    "refuse_pickled_weights",
+]
 
 
 FiMMIAForMembershipInference.register_for_auto_class("AutoModelForSequenceClassification")

@@ -36,6 +36,13 @@ EMBEDDING_OUTPUTS = ("embedding", "neighbor_embeddings")
 MEDIA_EMBEDDING_OUTPUTS = ("media_embedding", "neighbor_media_embeddings")
 DELTA_OUTPUTS = ("loss_delta", "embedding_delta", "media_delta", "neighbor_mask")
 MEDIA_KEYS = ("image", "audio", "video")
+# what a sample dict may hold: the sample's own fields, then any stage's output (precomputed columns)
+SAMPLE_KEYS = ("input", "answer", "ds_name", "sample_id", "label", *MEDIA_KEYS)
+STAGE_KEYS = (
+    "neighbors", "neighbor_ops", "media_neighbors", "num_neighbors", *EMBEDDING_OUTPUTS, *MEDIA_EMBEDDING_OUTPUTS,
+    *LOSS_OUTPUTS, *DELTA_OUTPUTS, "sample_statistics", "model_name", "model_role", "error",
+)
+STAGE_KEY_PREFIXES = ("token_", "neighbor_token_")  # the scorer's per-token statistics
 DEFAULT_FPR = "0.01"  # the decision_thresholds level labels use unless told otherwise
 _FREE_OPS = ("delete", "duplicate", "swap")  # neighbour operations that need no fill model
 _OPTIONS = {"target": "target_model", "embedding": "embedding_model", "media_embedding": "media_embedding_model"}
@@ -65,7 +72,8 @@ class MembershipInferencePipeline(Pipeline):
     ``pipeline("membership-inference", model=<detector dir or Hub id>, target_model=..., neighbor_model=...,
     embedding_model=..., media_embedding_model=..., device=...)``; then ``pipe(sample)`` with a sample dict
     (``{"input", "answer", "image"|"audio"|"video": path, PIL image, array...}``), a list of them or a
-    ``datasets.Dataset``. Each sample gives ``{"score": float, "label": "member" | "non-member"}`` (``label`` is
+    ``datasets.Dataset``; an unknown key, or no media value where the detector's ``config.modality`` needs one,
+    is an error. Each sample gives ``{"score": float, "label": "member" | "non-member"}`` (``label`` is
     None and ``score`` NaN when no neighbour of the sample was valid); ``return_features=True`` adds
     ``"features"``. Call options: ``fpr`` (default 0.01: label with the threshold training calibrated at that
     false-positive rate, ``config.decision_thresholds``; a detector without them falls back to ``config.threshold``,
@@ -220,6 +228,29 @@ class MembershipInferencePipeline(Pipeline):
             roles.insert(0, "neighbor")
         return roles
 
+    def _check_sample(self, i: int, row: Mapping[str, Any]) -> None:
+        """A sample to score has its input, answer and the media the detector reads, and no unknown key.
+
+        A misspelt key (``"imgae"``) would otherwise be dropped and the sample scored as text-only.
+        """
+        given = ", ".join(sorted(row))
+        unknown = [k for k in row if k not in SAMPLE_KEYS + STAGE_KEYS and not k.startswith(STAGE_KEY_PREFIXES)]
+        if unknown:
+            raise ValueError(
+                f"sample {i}: unknown key(s) {', '.join(map(repr, unknown))} (keys given: {given}); a sample holds "
+                f"{', '.join(SAMPLE_KEYS)} and the columns of earlier stages"
+            )
+        missing = [c for c in ("input", "answer") if row.get(c) is None]
+        if missing:
+            raise ValueError(
+                f"sample {i}: needs {' and '.join(map(repr, missing))} to be scored "
+                f"(or precomputed feature columns); keys given: {given}"
+            )
+        modality = getattr(self.model.config, "modality", None)
+        if modality in MEDIA_KEYS and row.get(modality) is None:
+            raise ValueError(f"sample {i}: this detector scores {modality} samples, and this one has no "
+                             f"{modality!r} value (keys given: {given})")
+
     def _has_statistics(self, row: Mapping[str, Any]) -> bool:
         """Whether the row holds the columns of every sample statistic the combined head reads."""
         present = [k for k, v in row.items() if v is not None]
@@ -255,12 +286,7 @@ class MembershipInferencePipeline(Pipeline):
         if not raw:
             return rows
         for i in raw:
-            missing = [c for c in ("input", "answer") if rows[i].get(c) is None]
-            if missing:
-                raise ValueError(
-                    f"sample {i}: needs {' and '.join(map(repr, missing))} to be scored "
-                    "(or precomputed feature columns); keys given: " + ", ".join(sorted(rows[i]))
-                )
+            self._check_sample(i, rows[i])
         roles = {role for n in needs for role in n}
         missing = [_OPTIONS[r] for r in _OPTIONS if r in roles and self.components[r] is None]
         if missing:

@@ -21,7 +21,7 @@ import numpy as np
 from transformers.hf_argparser import HfArg
 
 from . import attacks, shift
-from .data import table_column, table_columns
+from .data import SampleError, labels_of, table_column, table_columns
 from .metrics import json_safe, membership_metrics, plot_roc
 
 SHIFT_WARNING_AUC = 0.6
@@ -66,7 +66,9 @@ def build_report(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = np.asarray(test["label"])
+    if "label" not in test.column_names:
+        raise SampleError("the test split needs a 'label' column (1 = member, 0 = non-member) to be evaluated")
+    labels = np.asarray(labels_of(test["label"], "test split"), dtype=np.int64)
     groups = test["ds_name"] if "ds_name" in test.column_names else None
 
     def metrics(scores: np.ndarray) -> dict[str, Any]:

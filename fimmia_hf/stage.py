@@ -57,6 +57,19 @@ def resolve_device(device: Any = None) -> torch.device:
     return torch.device(device)
 
 
+def token_limit(model: Any, tokenizer: Any) -> int | None:
+    """The longest sequence `model` takes: the smaller of its position embeddings and the tokenizer's limit.
+
+    Tokenizers without a limit hold a huge placeholder (`VERY_LARGE_INTEGER`), ignored here; None when
+    neither says, so a stage never runs a forward far past what the model was built for.
+    """
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limits = [getattr(text_config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 10_000_000]
+    return min(limits) if limits else None
+
+
 # ------------------------------------------------------------------------------------------------
 # fingerprints
 # ------------------------------------------------------------------------------------------------
@@ -317,7 +330,11 @@ class Stage:
                             "stage's model_batch_size")
         self.check(ds)
         context = self.context(ds, cache_dir)
-        context.folder.mkdir(parents=True, exist_ok=True)
+        try:  # before any computing: a read-only cache fails now, not after the first chunk
+            context.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"cannot write the stage cache {context.folder} ({err}); pass cache_dir= or set "
+                          "FIMMIA_HF_CACHE to a writable folder") from err
         size = chunk_size or self.chunk_size
         ranges = [(start, min(start + size, len(ds))) for start in range(0, len(ds), size)] or [(0, 0)]
         options = {"batched": True, "batch_size": map_batch_size or self.map_batch_size, "with_indices": True,

@@ -171,3 +171,15 @@ def test_audit_scores_raw_sample_tables_through_the_pipeline(tiny_model, synthet
     assert "not scored for this detector" in capsys.readouterr().out
     di = result["dataset_inference"]
     assert di["n_suspect"] + di["n_reference"] == 8 and 0.0 <= di["p_value"] <= 1.0
+
+
+def test_unwritable_out_fails_before_the_audit_runs(tmp_path, monkeypatch) -> None:
+    """The audit's scores live in a temporary cache: an --out it cannot write is refused before computing them."""
+    import fimmia_hf.audit
+
+    monkeypatch.setattr(fimmia_hf.audit, "audit", lambda *a, **k: pytest.fail("the audit ran"))
+    (tmp_path / "a_file").write_text("")
+    args = parse_command("audit", [
+        "--suspect", "s", "--reference", "r", "--score", "loss", "--out", str(tmp_path / "a_file" / "audit.json")])
+    with pytest.raises(OSError, match=r"cannot write .*audit\.json .*choose another --out"):
+        run_audit(args)

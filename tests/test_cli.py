@@ -82,13 +82,26 @@ def test_bad_configuration_is_one_clear_line(tmp_path, capsys) -> None:
     assert "bad.yaml: unknown option(s) ['--learning_rat']" in err and "Traceback" not in err
     (tmp_path / "list.yaml").write_text("- 1\n")
     assert main(["split", "--config", str(tmp_path / "list.yaml")]) == 2
-    assert "must contain a YAML mapping" in capsys.readouterr().err
+    assert "list.yaml: expected a mapping of option names to values, got a list" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--out", "x", "--no-such-flag", "1"])
     assert "unrecognized arguments: --no-such-flag 1" in capsys.readouterr().err
     for text, message in (("{seed: 3}", "not valid JSON"), ('["seed"]', "expected a JSON object")):
         assert main(["train", "--out", str(tmp_path / "d"), "--train", "t", "--neighbor-kwargs", text]) == 2
         assert f"--neighbor-kwargs: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "audit", "finetune"])
+def test_bad_yaml_config_names_its_line(command: str, tmp_path, capsys) -> None:
+    """Bad YAML in --config is one line naming the file, line and column, not a parser traceback."""
+    config = tmp_path / "bad.yaml"
+    config.write_text("epochs: 3\nlr: [1, 2\nbad: x\n")
+    assert main([command, "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: not valid YAML: line 3, column 4: expected ',' or ']'" in err and "Traceback" not in err
+    config.write_text("")
+    assert main([command, "--config", str(config)]) == 2
+    assert "expected a mapping of option names to values, got an empty file" in capsys.readouterr().err
 
 
 def test_paired_inputs_are_spelled_alike_and_need_both_halves(tmp_path, capsys) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from pathlib import Path
@@ -207,6 +208,103 @@ def test_cli_validate_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFix
     assert "empty input" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------- text columns, labels, JSON lines
+def test_non_text_input_and_answer_are_refused(tmp_path: Path) -> None:
+    """Parquet lists and structs are not text: stringifying them ("['Какая', 'фигура?']") would score junk."""
+    path = tmp_path / "typed.parquet"
+    pd.DataFrame({"input": [["Какая", "фигура?"], ["Какой", "цвет?"]], "answer": ["A", "B"]}).to_parquet(path)
+    with pytest.raises(SampleError, match=r"typed\.parquet: column 'input'.*in 2 row.*\n  row 1: a list"):
+        load_samples(path)
+    pd.DataFrame({"input": ["Какая фигура?", "Какой цвет?"], "answer": [{"text": "A"}, {"text": "B"}]}).to_parquet(path)
+    with pytest.raises(SampleError, match=r"column 'answer'.*\n  row 1: a dict"):
+        load_samples(path)
+    jsonl = tmp_path / "typed.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"input": f"q{i}", "answer": a}) for i, a in enumerate(["A", ["B"], 7])))
+    with pytest.raises(SampleError, match=r"typed\.jsonl: column 'answer'.*in 1 row.*\n  row 2: a list"):
+        load_samples(jsonl)
+
+
+def test_numbers_become_text_on_purpose(tmp_path: Path) -> None:
+    path = tmp_path / "numbers.jsonl"
+    path.write_text("\n".join(json.dumps({"input": f"q{i}", "answer": v}) for i, v in enumerate([1, 2.0, 0.5])))
+    assert load_samples(path)["answer"] == ["1", "2", "0.5"]
+
+
+def test_broken_jsonl_line_is_named(tmp_path: Path) -> None:
+    lines = [json.dumps(r, ensure_ascii=False) for r in _rows(4)]
+    lines[2] = lines[2][:-5]
+    path = tmp_path / "broken.jsonl"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(SampleError, match=r"broken\.jsonl: line 3, column \d+: not valid JSON"):
+        load_samples(path)
+    path.write_text("\n".join([lines[0], "[1, 2]"]), encoding="utf-8")
+    with pytest.raises(SampleError, match=r"line 2: expected a JSON object per line, got list"):
+        load_samples(path)
+    whole = tmp_path / "broken.json"
+    whole.write_text("[\n" + ",\n".join(lines) + "\n]", encoding="utf-8")
+    with pytest.raises(SampleError, match=r"broken\.json: line 4, column \d+"):
+        load_samples(whole)
+
+
+def test_csv_labels_read_as_numbers_everywhere(tmp_path: Path) -> None:
+    """read_table (evaluate, predict, shift) reads a CSV label "1" as 1 and names a bad label's row."""
+    path = tmp_path / "scored.csv"
+    pd.DataFrame(_rows(3, label="1")).assign(label=["1", "0", ""]).to_csv(path, index=False)
+    assert read_table(path)["label"] == [1, 0, None]
+    pd.DataFrame(_rows(3)).assign(label=["1", "yes", "0"]).to_csv(path, index=False)
+    with pytest.raises(SampleError, match=r"scored\.csv: column 'label'.*\n  row 2: 'yes'"):
+        read_table(path)
+
+
+def test_evaluate_reads_csv_labels(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`fimmia-hf evaluate --test samples.csv`: labels in a CSV are text, and must still evaluate."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = [{"input": f"вопрос номер {i} {'член' if i % 2 else 'нет'}", "answer": "A", "label": str(i % 2),
+             "loss": float(rng.normal(1.0 - 0.5 * (i % 2), 0.1)), "sample_id": f"s{i}"} for i in range(16)]
+    path = tmp_path / "samples.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    assert cli_main(["evaluate", "--test", str(path), "--out", str(tmp_path / "report"), "--n-bootstrap", "10"]) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["n_members"] == 8 and report["n_nonmembers"] == 8
+
+
+def test_unwritable_out_is_one_line_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An --out the user cannot write (here under a file; a read-only folder alike) ends in one error line."""
+    path = tmp_path / "samples.csv"
+    pd.DataFrame(_rows(3)).to_csv(path, index=False)
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "out.parquet"
+    assert cli_main(["neighbors", "--data", str(path), "--out", str(out), "--ops", "delete", "--num-neighbors", "2"]) == 2
+    assert f"fimmia-hf neighbors: error: cannot write {out} ([Errno 17] File exists: '{out.parent}'); choose another --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_bytes_that_are_not_utf8_name_their_line(tmp_path: Path, suffix: str) -> None:
+    rows = [json.dumps(r, ensure_ascii=False).encode() for r in _rows(3)] if suffix == ".jsonl" else [b"input,answer", b"q1,A", b"q2,B"]
+    rows[2] = rows[2].replace(b"2", b"\xff2", 1)
+    path = tmp_path / f"latin{suffix}"
+    path.write_bytes(codecs.BOM_UTF8 + b"\n".join(rows))
+    with pytest.raises(SampleError, match=rf"latin\{suffix}: line 3: not UTF-8 text \(byte 0xff: invalid start byte\)"):
+        load_samples(path)
+
+
+def test_stage_outputs_never_go_to_csv(tmp_path: Path) -> None:
+    """List columns written to CSV read back as "[1.17 1.06]" text (predict then failed: "could not convert
+    string to float: '['"): writing them is refused, and such a CSV made elsewhere is named on reading."""
+    from fimmia_hf.data import save_dataset
+    from fimmia_hf.testing import synthetic_features
+
+    ds = synthetic_features(3, k=2, dim=4)
+    with pytest.raises(SampleError, match=r"feat\.csv: CSV cannot hold the list columns neighbor_losses, embedding, "
+                                          r"neighbor_embeddings .*write \.parquet"):
+        save_dataset(ds, tmp_path / "feat.csv")
+    assert not (tmp_path / "feat.csv").exists()
+    ds.to_pandas().to_csv(tmp_path / "elsewhere.csv", index=False)
+    with pytest.raises(SampleError, match=r"elsewhere\.csv: the list columns neighbor_losses, embedding, neighbor_embeddings"):
+        read_table(tmp_path / "elsewhere.csv")
+    assert read_table(save_dataset(ds, tmp_path / "feat.parquet"))["neighbor_losses"] == ds["neighbor_losses"]
 def test_cli_split_keeps_a_samples_rows_together_and_stratifies(tmp_path: Path) -> None:
     """A paired-style table (each sample twice) splits by sample, with the labels in the same proportion."""
     rows = [{"sample_id": f"s{i}", "input": f"q{i}", "answer": "a", "ds_name": "d", "label": int(i < 8),

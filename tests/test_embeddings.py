@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fimmia_hf.data import load_samples
+from fimmia_hf.data import SampleError, load_samples
 from fimmia_hf.embeddings import POOLING_MODES, ModalityEmbedder, TextEmbedder, pool
 from fimmia_hf.embeddings import media as media_embeddings
 from fimmia_hf.embeddings.text import _is_decoder_only
@@ -271,3 +271,23 @@ def test_video_method_gets_the_frames_of_each_video(tiny_model, synthetic_table)
     assert together.shape == (2, 32) and not np.allclose(together[0], together[1])
     with pytest.raises(ValueError, match="num_frames=4"):
         ModalityEmbedder(model, modality="video", processor=processor, num_frames=8, device="cpu").embed_media(videos)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
+def test_damaged_video_names_the_row_in_every_stage(damage, tiny_model, synthetic_table, tmp_path: Path) -> None:
+    """A video damaged after validation stops the embedder and the scorer with the row, column and the decoder's
+    reason (torchcodec's C++ source location left out)."""
+    from fimmia_hf import TargetScorer
+
+    ds = load_samples(synthetic_table("video", 2))
+    good = Path(ds[0]["video"]).read_bytes()
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes({"truncated": good[: len(good) // 2], "empty": b"", "text": b"not a video"}[damage])
+    ds = ds.map(lambda r, i: {"video": str(bad) if i == 1 else r["video"]}, with_indices=True)
+    for stage in (ModalityEmbedder(tiny_model("image-encoder"), num_frames=2, device="cpu"),
+                  TargetScorer(tiny_model("image-text"), num_frames=2, device="cpu")):
+        with pytest.raises(ValueError, match=r"row 2 \(sample_id '\w+'\), column 'video': cannot decode video .*bad\.mp4") as caught:
+            stage.apply(ds, cache_dir=tmp_path / stage.name)
+        assert ".cpp" not in str(caught.value)
+    with pytest.raises(SampleError, match=r"column 'video'.*\n  row 2: cannot decode video"):
+        load_samples(ds)

@@ -159,7 +159,7 @@ def test_membership_dataset_validates_labels() -> None:
     assert membership_dataset(ds).features["label"].dtype == "int64"
     with pytest.raises(ValueError, match="'label' column"):
         membership_dataset(_table(n=4))
-    with pytest.raises(ValueError, match="row 2"):
+    with pytest.raises(ValueError, match="row 3: 2"):
         membership_dataset(_table(n=4).add_column("label", [0, 1, 2, 0]))
 
 

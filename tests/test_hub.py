@@ -238,6 +238,20 @@ def test_card_reports_the_calibrated_thresholds_and_the_combined_statistics() ->
     assert "plus the sample's own statistics from the same forward passes\n  (loss, zlib:" in combined
 
 
+def test_load_detector_refuses_a_hub_repo_of_pickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Hub repo holding only `pytorch_model.bin` is refused after the download, before the pickle is read."""
+    from fimmia_hf.configuration_fimmia import PickledWeightsError
+
+    api = FakeHfApi(tmp_path)
+    repo = api._folder("org/pickled", "model")
+    _detector().save_pretrained(repo)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(repo / "model.safetensors")), repo / "pytorch_model.bin")
+    (repo / "model.safetensors").unlink()
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+    with pytest.raises(PickledWeightsError, match=r"pickled.*pytorch_model\.bin.*safetensors only"):
+        load_detector("org/pickled", api=api)
 def test_push_names_local_components_by_hub_id_or_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """A pushed config must resolve anywhere: a component recorded as a local folder needs its Hub id."""

@@ -70,3 +70,16 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(MediaError, match="cannot read an image from a int"):
         load_image(3)
     assert isinstance(MediaError("x"), ValueError)
+
+
+def test_16_bit_grayscale_png_is_scaled_not_clamped(tmp_path) -> None:
+    """A 0-65535 gradient keeps its gradient (PIL's convert("RGB") would turn it nearly white)."""
+    from PIL import Image
+
+    gradient = np.linspace(0, 65535, 256).round().astype(np.uint16)[None, :].repeat(4, axis=0)
+    Image.fromarray(gradient).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    for value in (tmp_path / "g16.png", gradient):
+        rgb = np.asarray(load_image(value))
+        assert rgb.shape == (4, 256, 3)
+        np.testing.assert_allclose(rgb[0, :, 0], np.linspace(0, 255, 256), atol=1)

@@ -231,6 +231,15 @@ def test_combined_head_scores_raw_samples_as_predict_does(tiny_model, samples: l
     assert [r["score"] for r in out] == pytest.approx(expected, abs=1e-6)
 
 
+def test_misspelt_or_missing_media_key_is_an_error(fast_pipe: MembershipInferencePipeline, samples: list[dict]) -> None:
+    """An image detector never scores a sample as text-only because its media key was misspelt or left out."""
+    row = {"input": samples[0]["input"], "answer": samples[0]["answer"]}
+    with pytest.raises(ValueError, match=r"sample 1: unknown key\(s\) 'imgae' \(keys given: answer, imgae, input\)"):
+        fast_pipe([{**row, "image": samples[0]["image"]}, {**row, "imgae": samples[0]["image"]}])
+    with pytest.raises(ValueError, match=r"sample 0: this detector scores image samples, and this one has no 'image'"):
+        fast_pipe(row)
+    with pytest.raises(ValueError, match=r"this one has no 'image'"):
+        fast_pipe({**row, "image": None})
 def test_pipeline_from_another_folder_gives_the_cli_and_predict_score(tiny_model, synthetic_table, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A detector that records its components by relative path, used from another folder: the pipeline finds them

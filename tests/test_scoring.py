@@ -151,3 +151,34 @@ def test_two_processes_shard_and_gather_in_order(tiny_model, synthetic_table, tm
     single = TargetScorer(tiny_model("text-lm")).apply(load_samples(data), cache_dir=tmp_path / "single")
     assert gathered["sample_id"] == single["sample_id"]
     assert gathered["loss"] == pytest.approx(single["loss"], abs=1e-5)
+
+
+def test_long_prompt_is_cut_at_the_model_limit_with_a_warning_naming_the_row(loaded, tmp_path):
+    """A 1 MB prompt is cut from the left at the model's limit (2048 positions), not run whole."""
+    model, processor = loaded("text-lm")
+    assert model.config.max_position_embeddings == 2048
+    words = "слово word " * 100_000
+    ds = load_samples(datasets.Dataset.from_list([{"input": "short question?", "answer": "A"},
+                                                  {"input": words + "question?", "answer": "B"}]))
+    assert len(ds[1]["input"].encode()) > 1_000_000
+    scorer = TargetScorer(model, processor=processor, token_stats=False)
+    with pytest.warns(UserWarning, match=r"row 2 \(sample_id .*\): prompt of \d{7} characters truncated from the left"):
+        out = scorer.apply(ds, cache_dir=tmp_path)
+    assert math.isfinite(out[1]["loss"])
+    assert scorer.loaded().engine.tokens_run <= 2048 + 64
+    explicit = TargetScorer(model, processor=processor, token_stats=False, max_length=2048)
+    with pytest.warns(UserWarning):
+        assert explicit.apply(ds, cache_dir=tmp_path)["loss"] == pytest.approx(out["loss"])
+
+
+def test_empty_answer_with_nothing_to_score_names_the_row(loaded, tmp_path):
+    """An empty answer scored over the answer only gives nothing: an error, not a silent NaN."""
+    model, processor = loaded("text-lm")
+    ds = load_samples(datasets.Dataset.from_list([{"input": "Вопрос?", "answer": "A"}, {"input": "Ещё?", "answer": ""}]))
+    with pytest.raises(ValueError, match=r"row 2 .*column 'answer': nothing to score: the answer is empty"):
+        TargetScorer(model, processor=processor).apply(ds, cache_dir=tmp_path)
+    skipped = TargetScorer(model, processor=processor, on_error="skip").apply(ds, cache_dir=tmp_path)
+    assert "nothing to score" in skipped[1]["error"] and math.isnan(skipped[1]["loss"])
+    for allowed in ({"answer_only": False}, {"include_closing_tokens": True}):  # these score without an answer
+        out = TargetScorer(model, processor=processor, **allowed).apply(ds, cache_dir=tmp_path)
+        assert all(math.isfinite(x) for x in out["loss"])

@@ -137,3 +137,12 @@ def test_a_damaged_chunk_is_recomputed_with_a_warning_naming_it(tiny_model, tmp_
         again = TextEmbedder(tiny_model("text-encoder"), device="cpu").apply(ds, cache_dir=tmp_path, chunk_size=4)
     np.testing.assert_allclose(again["embedding"], expected, atol=1e-6)
     assert chunk.is_file()  # written again, whole
+
+
+def test_unwritable_cache_fails_before_any_row_is_computed(tmp_path) -> None:
+    from fimmia_hf import NeighborGenerator
+
+    (tmp_path / "a_file").write_text("")
+    ds = datasets.Dataset.from_dict({"sample_id": ["a"], "input": ["one two three four"], "answer": ["A"]})
+    with pytest.raises(OSError, match=r"cannot write the stage cache .*a_file.*set FIMMIA_HF_CACHE to a writable folder"):
+        NeighborGenerator(ops=("delete",), num_neighbors=2).apply(ds, cache_dir=tmp_path / "a_file" / "cache")

@@ -64,12 +64,15 @@ def benchmark(
 
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from ..configuration_fimmia import refuse_pickled_weights
+
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
             from ..testing import build_tiny
 
             model = build_tiny("t5-infill", Path(tmp) / "t5")
         device = str(resolve_device(device))
+        refuse_pickled_weights(model)
         loaded = AutoModelForSeq2SeqLM.from_pretrained(model, use_safetensors=True).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(model)
         rng = np.random.default_rng(0)

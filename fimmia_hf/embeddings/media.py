@@ -234,8 +234,13 @@ class ModalityEmbedder(Stage):
     def load_model(self) -> LoadedMediaModel:
         from transformers import AutoModel, AutoProcessor
 
+        from ..configuration_fimmia import refuse_pickled_weights
+
         if isinstance(self.model, (str, os.PathLike)):
-            model = AutoModel.from_pretrained(str(self.model), revision=self.revision, dtype=self.resolved_dtype)
+            refuse_pickled_weights(self.model)
+            model = AutoModel.from_pretrained(
+                str(self.model), revision=self.revision, dtype=self.resolved_dtype, use_safetensors=True
+            )
             processor = self.processor or AutoProcessor.from_pretrained(str(self.model), revision=self.revision)
         else:
             model = self.model

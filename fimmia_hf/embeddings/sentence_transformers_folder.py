@@ -104,11 +104,13 @@ def load_dense(model: str | os.PathLike, path: str, revision: str | None) -> tor
     import torch
     from safetensors.torch import load_file
 
+    from ..configuration_fimmia import refuse_pickled_weights
+
+    refuse_pickled_weights(model, path)
     config_file = model_file(model, f"{path}/config.json", revision)
     weights_file = model_file(model, f"{path}/model.safetensors", revision)
     if config_file is None or weights_file is None:
-        raise ValueError(f"{model}/{path}: a Dense module needs config.json and model.safetensors "
-                         "(pickled .bin weights are not loaded)")
+        raise ValueError(f"{model}/{path}: a Dense module needs config.json and model.safetensors")
     config = json.loads(config_file.read_text(encoding="utf-8"))
     activation = str(config.get("activation_function", torch.nn.modules.linear.Identity)).rsplit(".", 1)[-1]
     if activation not in _ST_ACTIVATIONS:

@@ -17,7 +17,7 @@ import datasets
 import numpy as np
 
 from ..columns import ANSWER, EMBEDDING, INPUT, NEIGHBOR_EMBEDDINGS, NEIGHBORS
-from ..stage import Stage, StageContext, resolve_device
+from ..stage import Stage, StageContext, resolve_device, token_limit
 from .sentence_transformers_folder import SentenceTransformerLayout, load_dense, read_sentence_transformers
 from .vectors import POOLING_MODES, VECTOR, VECTORS, normalize, pool, resolve_dtype, to_float32
 
@@ -67,11 +67,12 @@ class TextEmbedder(Stage):
     `"{text} {answer}"` is the original's. `prefix` is prepended to every text (e.g. e5-mistral's
     "Instruct: ...\\nQuery: "). Batches are right-padded whatever the tokenizer's padding side, so each
     real token keeps the position it has alone and a batched vector equals the one-by-one vector.
-    `model_batch_size` texts go through each forward.
+    `model_batch_size` texts go through each forward. Longer texts are cut at `max_length` tokens
+    (default: the sentence-transformers `max_seq_length`, else the model's limit, see `token_limit`).
     """
 
     name: ClassVar[str] = "text-embeddings"
-    version: ClassVar[str] = "2"
+    version: ClassVar[str] = "3"  # 3: texts cut at the model's position limit when the tokenizer has none
     settings: ClassVar[tuple[str, ...]] = ("pooling", "normalize", "prefix", "max_length", "text_template",
                                            "resolved_dtype")
     model_references: ClassVar[tuple[str, ...]] = ("model", "tokenizer")
@@ -145,12 +146,17 @@ class TextEmbedder(Stage):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
+        from ..configuration_fimmia import refuse_pickled_weights
+
         device = resolve_device(self.device)
         if isinstance(self.model, (str, os.PathLike)):
             source = self.model
             layout = read_sentence_transformers(source, self.revision)
             sub = {"subfolder": layout.transformer_path} if layout and layout.transformer_path else {}
-            model = AutoModel.from_pretrained(str(source), revision=self.revision, dtype=self.resolved_dtype, **sub)
+            refuse_pickled_weights(source, sub.get("subfolder", ""))
+            model = AutoModel.from_pretrained(
+                str(source), revision=self.revision, dtype=self.resolved_dtype, use_safetensors=True, **sub
+            )
             tokenizer = self.tokenizer or AutoTokenizer.from_pretrained(str(source), revision=self.revision, **sub)
         else:
             model, source = self.model, getattr(self.model, "name_or_path", None)
@@ -174,9 +180,7 @@ class TextEmbedder(Stage):
         if layout is not None and layout.dense_paths:
             dense = torch.nn.Sequential(*(load_dense(source, p, self.revision) for p in layout.dense_paths))
             dense = dense.to(device).eval()
-        limit = self.max_length or (layout.max_seq_length if layout else None)
-        if limit is None and 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
-            limit = tokenizer.model_max_length
+        limit = self.max_length or (layout.max_seq_length if layout else None) or token_limit(model, tokenizer)
         return LoadedTextModel(
             encoder=encoder, tokenizer=tokenizer, device=device, pooling=modes, dense=dense, truncate_to=limit,
             prompt_tokens=self._prompt_tokens(tokenizer, layout),

@@ -39,8 +39,11 @@ def load_infiller(
     must be masked LMs. `style` "auto" is FRED-T5's when the model id says so, else T5's."""
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from ..configuration_fimmia import refuse_pickled_weights
+
     name = str(model) if isinstance(model, (str, os.PathLike)) else str(getattr(model, "name_or_path", ""))
     if isinstance(model, (str, os.PathLike)):
+        refuse_pickled_weights(model)
         config = AutoConfig.from_pretrained(model, revision=revision)
         auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForMaskedLM
         kwargs = {"revision": revision, "use_safetensors": True, **({"dtype": dtype} if dtype is not None else {})}

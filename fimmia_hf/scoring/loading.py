@@ -14,6 +14,9 @@ def _load_base(path: str, *, revision: str | None, dtype: Any, device_map: Any) 
     """Load a model with the first Auto class whose mapping knows its config."""
     import transformers
 
+    from ..configuration_fimmia import refuse_pickled_weights
+
+    refuse_pickled_weights(path)
     config = transformers.AutoConfig.from_pretrained(path, revision=revision)
     for name in _AUTO_CLASSES:
         auto = getattr(transformers, name, None)
@@ -37,6 +40,9 @@ def load_target(
     if adapter_config.is_file():
         from peft import PeftModel
 
+        from ..configuration_fimmia import refuse_pickled_weights
+
+        refuse_pickled_weights(path)
         base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
         base = _load_base(base_path, revision=None, dtype=dtype, device_map=device_map)
         loaded = PeftModel.from_pretrained(base, path)

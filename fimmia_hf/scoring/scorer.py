@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,7 +21,7 @@ from ..columns import (
     TOKEN_STATS,
 )
 from ..media import MediaError
-from ..stage import Stage, StageContext, resolve_device
+from ..stage import Stage, StageContext, resolve_device, token_limit
 from .engine import ScoringEngine, loss_of
 from .loading import load_target
 
@@ -40,10 +41,13 @@ class TargetScorer(Stage):
     model (then `processor` is required). The model loads on first use, so a cached rerun never
     loads it. `on_error="skip"` keeps rows whose media cannot be read, with an `error` message and
     NaN scores; `"raise"` stops naming the row. `model_batch_size` sequences go through each forward.
+    A prompt longer than `max_length` tokens (default: the model's limit, see `token_limit`) is cut from
+    the left, never the answer or the media, with a warning naming the row. A row with nothing to
+    score (an empty answer, with `answer_only` and no closing tokens) is an error in column 'answer'.
     """
 
     name: ClassVar[str] = "score"
-    version: ClassVar[str] = "2"
+    version: ClassVar[str] = "3"  # 3: prompts cut at the model's limit by default
     settings: ClassVar[tuple[str, ...]] = (
         "model_name", "answer_only", "include_closing_tokens", "dtype", "max_length", "token_stats", "on_error",
         "system_prompt", "num_frames",
@@ -99,7 +103,7 @@ class TargetScorer(Stage):
             processor,
             answer_only=self.answer_only,
             include_closing_tokens=self.include_closing_tokens,
-            max_length=self.max_length,
+            max_length=self.max_length or token_limit(model, getattr(processor, "tokenizer", processor)),
             system_prompt=self.system_prompt,
         )
         return LoadedTarget(ScoringEngine(model, batch_size=self.model_batch_size, prefix_reuse=self.prefix_reuse), encoder)
@@ -127,7 +131,15 @@ class TargetScorer(Stage):
                 media = loaded.encoder.load_media(modality, batch[modality][j], num_frames=self.num_frames) if modality else None
                 column = INPUT
                 variants = [(batch[INPUT][j], answer)] + [(t, answer) for t in neighbors]
-                encodings = loaded.encoder.encode_variants(variants, media, modality)
+                with warnings.catch_warnings(record=True) as caught:  # re-emitted below, naming the row
+                    warnings.simplefilter("always")
+                    encodings = loaded.encoder.encode_variants(variants, media, modality)
+                for message in dict.fromkeys(str(w.message) for w in caught):
+                    warnings.warn(f"{context.where(batch, j)}: {message}", stacklevel=2)
+                if not encodings[0].score_positions:
+                    column = ANSWER
+                    raise ValueError("nothing to score: the answer is empty; give one, or score the prompt "
+                                     "(answer_only=False) or the closing tokens (include_closing_tokens=True)")
                 stats = loaded.engine.score(encodings, [bool(self.token_stats)] + [want_all] * len(neighbors))
             except (MediaError, ValueError) as err:
                 message = f"{context.where(batch, j)}, column '{column}': {err}"

@@ -28,7 +28,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from transformers.hf_argparser import HfArg
 
-from ..data import table_column, table_columns
+from ..data import labels_of, table_column, table_columns
 from ..metrics import json_safe
 from .evaluation import SEARCH_PRESETS, BlindMethod, SearchSpace, classifier, cross_validate, fit_and_score
 from .text import bag_of_words_method, date_detection_method, greedy_ngrams_method, sample_text, text_vectorizer
@@ -85,12 +85,7 @@ def _modality(ds: Any, modality: str | None) -> str:
 def _labels(ds: Any, where: str) -> np.ndarray:
     if "label" not in table_columns(ds):
         raise ValueError(f"{where}: blind baselines need a 'label' column (1 = member, 0 = non-member)")
-    labels = []
-    for i, v in enumerate(table_column(ds, "label")):
-        if v is None or v not in (0, 1):
-            raise ValueError(f"{where}: row {i + 1}: column 'label' must be 0 or 1, got {v!r}")
-        labels.append(int(v))
-    return np.asarray(labels, dtype=np.int64)
+    return np.asarray(labels_of(table_column(ds, "label"), where), dtype=np.int64)
 
 
 def build_table(ds: Any, modality: str, *, progress: bool = True) -> BlindTable:
