@@ -1,11 +1,12 @@
 """`fimmia-hf demo`: the whole pipeline end to end on synthetic data with tiny models, offline.
 
-For each modality: tiny targets are first fine-tuned on a disjoint pool so that the *base* model
-already knows the task format (a random-weight base would make membership trivially visible), then
-SFT-LoRA on the member half gives the fine-tuned target. Neighbours, embeddings and the losses of both
-targets follow; detectors (FiMMIA and its loss-only / embedding-only ablations) are trained on a
-training split by sample and evaluated on the held-out samples beside every classic attack and the
-blind baselines, under both protocols:
+For each modality: the kit's pretrained-like target (`fimmia_hf.testing.build_target`: a tiny model
+trained as a language model on a disjoint pool, so it answers in the task's format) is the *base*
+model; SFT-LoRA on the member half (`fimmia_hf.finetune`, the product path) gives the fine-tuned target,
+which memorises part of its members. Neighbours, embeddings and the losses of both targets follow;
+detectors (FiMMIA, its loss-only / embedding-only ablations) are trained on a training split by sample
+and evaluated on the held-out samples beside every classic attack and the blind baselines, under both
+protocols:
 - paired: the member samples scored by the base (label 0) and the fine-tuned target (label 1);
 - member / non-member: the fine-tuned target on members vs non-members.
 The image detector is saved with its model card and served by `pipeline("membership-inference")`.
@@ -24,73 +25,45 @@ import numpy as np
 from transformers.hf_argparser import HfArg
 
 MODALITIES = ("image", "audio", "video")
-TARGET_KIND = {"image": "image-text", "video": "image-text", "audio": "audio-text"}
-MEDIA_ENCODER_KIND = {"image": "image-encoder", "video": "image-encoder", "audio": "audio-encoder"}
-# Tiny random models have std-0.02 tied embeddings: with a frozen final norm their logits cannot move far
-# enough to learn anything in a few steps, so the demo adapts every projection and trains the final norm.
-TINY_LORA = {
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "lora_dropout": 0.0,
-    "modules_to_save": ["model.norm"],
-}
-HEADS = {"FiMMIA": "fimmia", "FiMMIA loss-only": "loss_only", "FiMMIA embedding-only (blind)": "embedding_only"}
+PAIRED_NOTE = ("No blind baselines: both rows of a sample share their inputs (base vs fine-tuned target), so a "
+               "model that sees only the inputs is at chance by construction.")
 
 
 def _step(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _detectors(train: Any, test: Any, out: Path, config: dict[str, Any], epochs: int, seed: int) -> dict[str, np.ndarray]:
-    """Train FiMMIA and its ablations on `train`; their scores on `test`."""
-    from .training import predict, train_detector
+def _dataset_verdict(test: Any, scores: np.ndarray, seed: int) -> dict[str, Any]:
+    """The set-level test on the held-out split: members against non-members, and, as a check of its
+    calibration, one random half of the non-members against the other (no membership: p should be large)."""
+    from .audit import dataset_inference
 
-    scores = {}
-    for name, head in HEADS.items():
-        model = train_detector(
-            train, config={**config, "head": head}, output_dir=out / head, seed=seed,
-            num_train_epochs=epochs, per_device_train_batch_size=16, logging_steps=1000, disable_tqdm=True,
-        )
-        scores[name] = np.asarray(predict(model, test, progress=False)["score"])
-    return scores
+    labels = np.asarray(test["label"])
+    members, non_members = scores[labels == 1], scores[labels == 0]
+    halves = np.random.default_rng(seed).permutation(len(non_members))
+    half = len(halves) // 2
+    return {
+        "members_vs_non_members": dataset_inference(members, non_members).to_dict(),
+        "non_members_vs_non_members": dataset_inference(
+            non_members[halves[:half]], non_members[halves[half:]]
+        ).to_dict(),
+    }
 
 
-def run_modality(modality: str, out: Path, *, n: int, pool: int, k: int, seed: int, models: dict[str, str]) -> dict[str, Any]:
-    """Every stage for one modality; returns the two protocols' reports."""
-    from . import ModalityEmbedder, NeighborGenerator, TargetScorer, TextEmbedder, finetune, load_samples, split_samples
+def run_modality(modality: str, out: Path, *, n: int, k: int, seed: int, epochs: int, models: dict[str, str]) -> dict[str, Any]:
+    """Every stage for one modality; returns the two protocols' reports and the dataset-level verdict."""
+    from . import split_samples
     from .features import paired_dataset
+    from .recipe import detector_config, detector_scores, scored_tables
     from .report import build_report
-    from .testing import make_synthetic_samples
 
-    data = out / "data" / modality
-    work = out / "models" / modality
-    samples = load_samples(make_synthetic_samples(data / "samples", modality=modality, n=n, seed=seed))
-    pool_samples = load_samples(make_synthetic_samples(data / "pool", modality=modality, n=pool, seed=seed + 1000))
-    members = samples.filter(lambda row: row["label"] == 1)
-
-    quiet = {"logging_steps": 1000, "disable_tqdm": True, "activation_checkpointing": False, "seed": seed}
-    _step(f"{modality}: teaching the base target the task format on {pool} disjoint samples")
-    finetune(models[TARGET_KIND[modality]], pool_samples, output_dir=work / "base", lora=TINY_LORA, epochs=6,
-             learning_rate=2e-2, merge=True, per_device_train_batch_size=8, **quiet)
-    base = str(work / "base" / "merged")
-    _step(f"{modality}: SFT-LoRA on the {len(members)} member samples")
-    finetune(base, members, output_dir=work / "finetuned", lora=TINY_LORA, epochs=20, learning_rate=3e-2,
-             per_device_train_batch_size=4, **quiet)
-    finetuned = str(work / "finetuned")
-
-    _step(f"{modality}: neighbours, embeddings and losses of {n} samples (K = {k})")
-    ds = NeighborGenerator(models["t5-infill"], num_neighbors=k, seed=seed).apply(samples)
-    ds = TextEmbedder(models["text-encoder"]).apply(ds)
-    ds = ModalityEmbedder(models[MEDIA_ENCODER_KIND[modality]], modality=modality).apply(ds)
-    base_scored = TargetScorer(base).apply(ds)
-    ft_scored = TargetScorer(finetuned).apply(ds)
-    base_scored.save_to_disk(str(data / "scored-base"))  # kept for `fimmia-hf train/evaluate/attribute`
+    data = out / modality
+    tables = scored_tables(modality, data, n=n, k=k, seed=seed, epochs=epochs, models=models, progress=_step)
+    base_scored, ft_scored = tables["base_scored"], tables["finetuned_scored"]
+    base_scored.save_to_disk(str(data / "scored-base"))  # kept for `fimmia-hf train/evaluate/attribute/audit`
     ft_scored.save_to_disk(str(data / "scored-finetuned"))
 
-    config = {
-        "modality": modality, "target_model": finetuned, "neighbor_model": models["t5-infill"],
-        "embedding_model": models["text-encoder"], "media_embedding_model": models[MEDIA_ENCODER_KIND[modality]],
-        "neighbor_kwargs": {"seed": seed},
-    }
+    config = detector_config(modality, tables, models, seed=seed)
     protocols = {
         "member / non-member": ft_scored,
         "paired": paired_dataset(
@@ -98,17 +71,22 @@ def run_modality(modality: str, out: Path, *, n: int, pool: int, k: int, seed: i
             ft_scored.filter(lambda r: r["label"] == 1).remove_columns("label"),
         ),
     }
-    results = {}
+    results: dict[str, Any] = {}
     for protocol, table in protocols.items():
         slug = "member" if protocol.startswith("member") else "paired"
         train, test = split_samples(table, test_size=0.5, seed=seed)
         _step(f"{modality} / {protocol}: detectors on {len(train)} training rows, report on {len(test)} held-out rows")
-        scores = _detectors(train, test, work / f"detector-{slug}", {**config, "protocol": slug}, epochs=20, seed=seed)
+        scores = detector_scores(train, test, data / f"detector-{slug}",
+                                 {**config, "protocol": slug}, seed=seed)
+        paired = {} if slug == "paired" else None  # {}: no blind baselines, None: run them
         results[protocol] = build_report(
             test, train=train, out_dir=out / "reports" / f"{modality}-{slug}", detector_scores=scores,
             modality=modality, n_bootstrap=500, seed=seed, title=f"FiMMIA demo: {modality}, {protocol} protocol",
+            blind=paired, notes=[PAIRED_NOTE] if slug == "paired" else None,
         )
-    results["_member_test"] = split_samples(ft_scored, test_size=0.5, seed=seed)[1]
+        if slug == "member":
+            results["_dataset"] = _dataset_verdict(test, scores["FiMMIA combined"], seed)
+            results["_member_test"] = test
     return results
 
 
@@ -119,17 +97,27 @@ def _cell(methods: dict[str, Any], name: str | None, key: str = "auc") -> str:
     return f"{methods[name][key]:.2f} [{low:.2f}, {high:.2f}]"
 
 
-def _summary_rows(reports: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, str]]:
+def _best(methods: dict[str, Any], kind: str) -> str | None:
+    """The best method of a kind by AUC; among detectors, the blind embedding-only ablation does not count."""
+    names = [n for n, m in methods.items() if m["kind"] == kind and "(blind)" not in n]
+    return max(names, key=lambda n: methods[n]["auc"], default=None)
+
+
+def _summary_rows(reports: dict[tuple[str, str], dict[str, Any]], verdicts: dict[str, Any]) -> list[dict[str, str]]:
     rows = []
     for (modality, protocol), report in reports.items():
         methods, classic, blind = report["methods"], report["best_classic_attack"], report["best_blind_baseline"]
+        detector = _best(methods, "detector")
+        verdict = verdicts.get(modality, {}).get("members_vs_non_members") if protocol.startswith("member") else None
         rows.append({
             "modality": modality, "protocol": protocol,
-            "FiMMIA AUC": _cell(methods, "FiMMIA"), "FiMMIA TPR@1%FPR": _cell(methods, "FiMMIA", "tpr@1%fpr"),
-            "loss-only AUC": _cell(methods, "FiMMIA loss-only"),
-            "embedding-only AUC": _cell(methods, "FiMMIA embedding-only (blind)"),
+            "best FiMMIA head": f"{detector} {_cell(methods, detector)}",
+            "FiMMIA AUC": _cell(methods, "FiMMIA"),
+            "FiMMIA combined TPR@1%FPR": _cell(methods, "FiMMIA combined", "tpr@1%fpr"),
+            "LOSS AUC": _cell(methods, "loss"),
             "best classic attack": f"{classic} {methods[classic]['auc']:.2f}" if classic else "n/a",
             "best blind baseline": f"{blind.removeprefix('blind: ')} {methods[blind]['auc']:.2f}" if blind else "n/a",
+            "dataset-level p": f"{verdict['p_value']:.1e}" if verdict else "n/a",
             "shift warning": "YES" if any(w.startswith("DISTRIBUTION SHIFT") for w in report["warnings"]) else "no",
         })
     return rows
@@ -143,34 +131,35 @@ def _markdown_table(rows: list[dict[str, str]]) -> str:
 
 
 def demo(
-    out_dir: str | Path = "demo_output", *, modalities: tuple[str, ...] = MODALITIES, n: int = 128, pool: int = 64,
-    k: int = 8, seed: int = 0,
+    out_dir: str | Path = "demo_output", *, modalities: tuple[str, ...] = MODALITIES, n: int = 128, k: int = 8,
+    epochs: int = 15, seed: int = 0,
 ) -> dict[str, Any]:
     """Run the demo into `out_dir`; returns the summary (also written to `summary.md` / `summary.json`)."""
     import datasets
     from transformers import pipeline
 
     from .hub import render_model_card
-    from .testing import build_tiny
+    from .recipe import component_models
 
     started = time.perf_counter()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from trl/peft internals
     out = Path(out_dir)
     datasets.disable_progress_bars()  # the stages' own bars stay; map's per-chunk bars would flood the log
-    kinds = {"t5-infill", "text-encoder", *(TARGET_KIND[m] for m in modalities), *(MEDIA_ENCODER_KIND[m] for m in modalities)}
-    _step(f"building tiny models: {', '.join(sorted(kinds))}")
-    models = {kind: build_tiny(kind, out / "models" / "tiny" / kind, seed=seed) for kind in sorted(kinds)}
+    _step("the kit's component models: a trained T5 infiller, text and media encoders (built once, then cached)")
+    models = component_models(out / "models", modalities, seed=seed)
 
-    reports, held_out = {}, {}
+    reports, held_out, verdicts = {}, {}, {}
     for modality in modalities:
-        results = run_modality(modality, out, n=n, pool=pool, k=k, seed=seed, models=models)
+        results = run_modality(modality, out, n=n, k=k, seed=seed, epochs=epochs, models=models)
         held_out[modality] = results.pop("_member_test")
+        verdicts[modality] = results.pop("_dataset")
         for protocol, report in results.items():
             reports[(modality, protocol)] = report
+        _print_verdict(modality, verdicts[modality])
 
     first = modalities[0]
-    detector_dir = out / "models" / first / "detector-member" / "fimmia"
-    _step(f"saving the {first} detector with its model card: {detector_dir}")
+    detector_dir = out / first / "detector-member" / "combined"
+    _step(f"the {first} detector (FiMMIA combined) with its model card: {detector_dir}")
     from .modeling_fimmia import FiMMIAForMembershipInference
 
     detector = FiMMIAForMembershipInference.from_pretrained(detector_dir)
@@ -186,17 +175,25 @@ def demo(
         truth = "member" if row["label"] == 1 else "non-member"
         print(f"  {row['sample_id']}  truth={truth:<10}  score={prediction['score']:.3f}  label={prediction['label']}")
 
-    rows = _summary_rows(reports)
+    rows = _summary_rows(reports, verdicts)
     minutes = (time.perf_counter() - started) / 60
     table = _markdown_table(rows)
     (out / "summary.md").write_text(
         f"# fimmia-hf demo summary\n\n{n} samples per modality (half members), K = {k}, held-out half; "
         f"AUC and TPR@1%FPR with 95 % bootstrap intervals. {minutes:.1f} minutes.\n\n{table}\n"
     )
-    summary = {"rows": rows, "minutes": minutes, "reports": {f"{m}-{p}": r["title"] for (m, p), r in reports.items()}}
+    summary = {"rows": rows, "minutes": minutes, "dataset_inference": verdicts,
+               "reports": {f"{m}-{p}": r["title"] for (m, p), r in reports.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     print("\n" + table + f"\n\nDone in {minutes:.1f} min. Reports: {out / 'reports'}; summary: {out / 'summary.md'}")
     return summary
+
+
+def _print_verdict(modality: str, verdict: dict[str, Any]) -> None:
+    real, null = verdict["members_vs_non_members"], verdict["non_members_vs_non_members"]
+    print(f"  dataset level ({modality}, FiMMIA combined scores, {real['test']} test): held-out members vs "
+          f"non-members p = {real['p_value']:.1e} (d = {real['effect_size']:.2f}); two halves of the non-members "
+          f"p = {null['p_value']:.2f}", flush=True)
 
 
 @dataclasses.dataclass
@@ -208,12 +205,12 @@ class DemoArguments:
     modalities: list[str] = HfArg(default_factory=lambda: list(MODALITIES), metadata={"choices": MODALITIES},
                                   help="modalities to run")
     samples: int = HfArg(default=128, help="samples per modality (half of them members)")
-    pool: int = HfArg(default=64, help="disjoint samples that teach the base target the format")
+    epochs: int = HfArg(default=15, help="SFT-LoRA epochs on the members")
     num_neighbors: int = HfArg(default=8, help="K neighbours per sample")
     seed: int = HfArg(default=0, help="seed of the data, the models and every stage")
 
 
 def run_demo(args: DemoArguments) -> int:
-    demo(args.out, modalities=tuple(args.modalities), n=args.samples, pool=args.pool, k=args.num_neighbors,
+    demo(args.out, modalities=tuple(args.modalities), n=args.samples, k=args.num_neighbors, epochs=args.epochs,
          seed=args.seed)
     return 0

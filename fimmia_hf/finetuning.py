@@ -85,9 +85,12 @@ class ChatCollator:
         return self.encoder.encode(row["input"], row["answer"], media, self.modality)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.collate([self.encode(row) for row in rows])
+
+    def collate(self, encodings: Sequence[ChatEncoding]) -> dict[str, Any]:
+        """Pad encodings (from `encode`) into one batch; lets a loop encode its samples once for many epochs."""
         import torch
 
-        encodings = [self.encode(row) for row in rows]
         width = max(len(e.input_ids) for e in encodings)
         batch: dict[str, Any] = {
             "input_ids": torch.full((len(encodings), width), self.pad_token_id, dtype=torch.long),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import wave
 from collections.abc import Callable, Iterator
@@ -31,6 +32,9 @@ __all__ = [
     "AUTO_CLASSES",
     "KINDS",
     "MARKER_FILE",
+    "TARGET_KINDS",
+    "build_infiller",
+    "build_target",
     "build_tiny",
     "make_synthetic_samples",
     "synthetic_features",
@@ -55,7 +59,7 @@ AUTO_CLASSES = {
 #: Marker written last into a finished build folder; lets :func:`build_tiny` reuse it.
 MARKER_FILE = "fimmia_tiny.json"
 _MARKER_FORMAT = 1
-_SIZES = ("tiny", "small")
+_SIZES = ("tiny", "mini", "small")
 
 # --------------------------------------------------------------------------------------------
 # Synthetic content vocabulary (shared by the sample generator and the tokenizer corpus).
@@ -87,6 +91,15 @@ _BACKGROUNDS = ((200, 200, 200), (120, 120, 120), (60, 60, 60), (230, 225, 210))
 _NAMES = (("Маша", "Маши", "Masha"), ("Петя", "Пети", "Petya"), ("Оля", "Оли", "Olya"), ("Иван", "Ивана", "Ivan"),
           ("Анна", "Анны", "Anna"))
 _OBJECTS = (("мяч", "ball"), ("шарф", "scarf"), ("зонт", "umbrella"), ("рюкзак", "backpack"))
+# Who sent a task, from where (Russian genitive, English): the line that makes each prompt the sample's own.
+_AUTHORS = (("Маша", "а", "Masha"), ("Петя", "", "Petya"), ("Оля", "а", "Olya"), ("Иван", "", "Ivan"),
+            ("Анна", "а", "Anna"), ("Дима", "", "Dima"), ("Катя", "а", "Katya"), ("Юра", "", "Yura"),
+            ("Лена", "а", "Lena"), ("Коля", "", "Kolya"), ("Света", "а", "Sveta"), ("Саша", "", "Sasha"))
+_CITIES = (("Москвы", "Moscow"), ("Казани", "Kazan"), ("Томска", "Tomsk"), ("Перми", "Perm"), ("Самары", "Samara"),
+           ("Омска", "Omsk"), ("Тулы", "Tula"), ("Твери", "Tver"), ("Курска", "Kursk"), ("Иркутска", "Irkutsk"))
+_DAYS = (("в понедельник", "Monday"), ("во вторник", "Tuesday"), ("в среду", "Wednesday"), ("в четверг", "Thursday"),
+         ("в пятницу", "Friday"), ("в субботу", "Saturday"), ("в воскресенье", "Sunday"))
+_TIMES = (("утром", "morning"), ("днём", "afternoon"), ("вечером", "evening"), ("ночью", "night"))
 
 _TEXT: dict[str, dict[str, str]] = {
     "ru": {
@@ -107,6 +120,7 @@ _TEXT: dict[str, dict[str, str]] = {
         "t_sum": "{name} записывает число {a} и прибавляет к нему {b}.",
         "q_t_sum": "Какое число получилось у {name_gen}?",
         "year": "Задание подготовлено в {year} году.",
+        "source": "Задание №{number} прислал{suffix} {name} из {city} {day} {time}.",
     },
     "en": {
         "instr_image": "Look at the image carefully and answer the question.",
@@ -126,6 +140,7 @@ _TEXT: dict[str, dict[str, str]] = {
         "t_sum": "{name} thought of the number {a} and added {b} to it.",
         "q_t_sum": "What number did {name_gen} get?",
         "year": "This task was prepared in {year}.",
+        "source": "Task no. {number} was sent by {name} from {city} on {day} {time}.",
     },
 }
 _PLACEHOLDER = {"image": "<image>", "audio": "<audio>", "video": "<video>", "text": ""}
@@ -221,12 +236,28 @@ def _options_block(rng: np.random.Generator, correct: str, pool: list[str]) -> t
     return "\n".join(f"{_LETTERS[i]}. {opt}" for i, opt in enumerate(options)), letter
 
 
-def _prompt(lang: str, instr_key: str, modality: str, question: str, options: str, context: str = "") -> str:
-    """Instruction, media placeholder, optional context, question, options, answer marker."""
+def _source_line(lang: str, rng: np.random.Generator) -> str:
+    """Who sent the task and from where: as in real benchmarks, every prompt has content of its own, not
+    only a shared template and options (a model memorises a sample by what only that sample says)."""
+    name, suffix, name_en = _AUTHORS[int(rng.integers(len(_AUTHORS)))]
+    city, day, time = (options[int(rng.integers(len(options)))] for options in (_CITIES, _DAYS, _TIMES))
+    number = int(rng.integers(1, 1000))
+    if lang == "ru":
+        return _TEXT[lang]["source"].format(number=number, suffix=suffix, name=name, city=city[0], day=day[0],
+                                            time=time[0])
+    return _TEXT[lang]["source"].format(number=number, name=name_en, city=city[1], day=day[1],
+                                        time="at night" if time[1] == "night" else f"in the {time[1]}")
+
+
+def _prompt(
+    lang: str, instr_key: str, modality: str, question: str, options: str, rng: np.random.Generator, context: str = ""
+) -> str:
+    """Instruction, media placeholder, the sample's source line, optional context, question, options, answer marker."""
     t = _TEXT[lang]
     lines = [t[instr_key] + " " + t["choose"]]
     if _PLACEHOLDER[modality]:
         lines.append(_PLACEHOLDER[modality])
+    lines.append(_source_line(lang, rng))
     if context:
         lines.append(context)
     lines += [f"{t['question']} {question}", options, t["answer"]]
@@ -253,7 +284,7 @@ def _make_item(modality: str, lang: str, rng: np.random.Generator) -> _Item:
             names = {k: v[li] for k, v in _SHAPES.items()}
             opts, letter = _options_block(rng, names[shape], list(names.values()))
             question = t["q_shape"]
-        return _Item(_prompt(lang, "instr_image", modality, question, opts), letter, media)
+        return _Item(_prompt(lang, "instr_image", modality, question, opts, rng), letter, media)
     if modality == "video":
         colour = str(rng.choice(list(_COLOURS)))
         shape = str(rng.choice(list(_SHAPES)))
@@ -267,12 +298,12 @@ def _make_item(modality: str, lang: str, rng: np.random.Generator) -> _Item:
         else:
             opts, letter = _options_block(rng, colour_names[colour], list(colour_names.values()))
             question = t["q_video_colour"]
-        return _Item(_prompt(lang, "instr_video", modality, question, opts), letter, media)
+        return _Item(_prompt(lang, "instr_video", modality, question, opts, rng), letter, media)
     if modality == "audio":
         beeps = int(rng.integers(1, 5))
         media = {"beeps": beeps, "freq": float(rng.uniform(440.0, 880.0)), "seconds": float(rng.uniform(1.0, 2.0))}
         opts, letter = _options_block(rng, str(beeps), ["1", "2", "3", "4", "5"])
-        return _Item(_prompt(lang, "instr_audio", modality, t["q_beeps"], opts), letter, media)
+        return _Item(_prompt(lang, "instr_audio", modality, t["q_beeps"], opts, rng), letter, media)
     if modality == "text":
         person = _NAMES[int(rng.integers(len(_NAMES)))]
         name, name_gen = (person[0], person[1]) if lang == "ru" else (person[2], person[2])
@@ -288,7 +319,7 @@ def _make_item(modality: str, lang: str, rng: np.random.Generator) -> _Item:
             pool = [str(a + b + d) for d in (-10, -2, -1, 1, 2, 10) if a + b + d > 0] + [str(a + b)]
             opts, letter = _options_block(rng, str(a + b), pool)
             question = t["q_t_sum"].format(name_gen=name_gen)
-        return _Item(_prompt(lang, "instr_text", modality, question, opts, context), letter, {})
+        return _Item(_prompt(lang, "instr_text", modality, question, opts, rng, context), letter, {})
     raise ValueError(f"unknown modality {modality!r}; expected one of image, audio, video, text")
 
 
@@ -426,9 +457,11 @@ def _padded_vocab(tok: Any, multiple: int = 64) -> int:
 # Model builders: one function per architecture family, sizes from one table.
 # --------------------------------------------------------------------------------------------
 
-# (text hidden, text layers, heads, kv heads, intermediate); encoders/vision use their own rows.
+# (text hidden, text layers, heads, kv heads, intermediate); encoders/vision use their own rows. "mini" is
+# "tiny" with a text model wide enough to learn the synthetic tasks and memorise (see build_target).
 _DIMS = {
     "tiny": {"text": (32, 2, 4, 2, 64), "vision": (32, 2, 4, 64), "audio": (32, 2, 4, 64), "vocab": 2000},
+    "mini": {"text": (64, 2, 4, 2, 128), "vision": (32, 2, 4, 64), "audio": (32, 2, 4, 64), "vocab": 2000},
     "small": {"text": (512, 8, 8, 2, 1376), "vision": (256, 8, 4, 512), "audio": (256, 4, 4, 512), "vocab": 4000},
 }
 
@@ -473,7 +506,7 @@ def _build_image_text(size: str) -> tuple[Any, Any]:
                vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>"),
     )
     unit = 28 * 28  # one merged token = a 28x28 pixel area
-    max_tokens = 16 if size == "tiny" else 64  # a 224x224 image gives this many tokens
+    max_tokens = 16 if size != "small" else 64  # a 224x224 image gives this many tokens
     image_processor = Qwen2VLImageProcessor(min_pixels=unit * 4, max_pixels=unit * max_tokens)
     video_processor = Qwen2VLVideoProcessor(min_pixels=unit * 4, max_pixels=unit * 16, min_frames=2, max_frames=16,
                                             fps=2.0, cap_pixels_per_frame=True)
@@ -531,7 +564,7 @@ def _build_t5(size: str) -> tuple[Any, Any]:
     from transformers import T5Config, T5ForConditionalGeneration
 
     tok = train_tokenizer("t5", vocab_size=_DIMS[size]["vocab"])
-    d_model, layers, heads, d_ff = (32, 2, 4, 64) if size == "tiny" else (256, 4, 4, 1024)
+    d_model, layers, heads, d_ff = (32, 2, 4, 64) if size != "small" else (256, 4, 4, 1024)
     config = T5Config(
         vocab_size=_padded_vocab(tok), d_model=d_model, d_kv=d_model // heads, d_ff=d_ff, num_layers=layers,
         num_decoder_layers=layers, num_heads=heads, relative_attention_num_buckets=8,
@@ -545,8 +578,8 @@ def _build_image_encoder(size: str) -> tuple[Any, Any]:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tok = train_tokenizer("clip", vocab_size=_DIMS[size]["vocab"])
-    hidden, layers, heads, inter = (32, 2, 4, 64) if size == "tiny" else (256, 4, 4, 1024)
-    image_size = 32 if size == "tiny" else 64
+    hidden, layers, heads, inter = (32, 2, 4, 64) if size != "small" else (256, 4, 4, 1024)
+    image_size = 32 if size != "small" else 64
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config = CLIPConfig(
         text_config=dict(vocab_size=_padded_vocab(tok), hidden_size=hidden, intermediate_size=inter,
@@ -565,8 +598,8 @@ def _build_audio_encoder(size: str) -> tuple[Any, Any]:
     from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
 
     tok = train_tokenizer("roberta", vocab_size=_DIMS[size]["vocab"])
-    hidden, layers, heads, inter = (32, 2, 4, 64) if size == "tiny" else (256, 4, 4, 1024)
-    patch_hidden = 16 if size == "tiny" else 64
+    hidden, layers, heads, inter = (32, 2, 4, 64) if size != "small" else (256, 4, 4, 1024)
+    patch_hidden = 16 if size != "small" else 64
     # HTSAT folds the (time x mel) spectrogram into a spec_size square: time frames must not exceed
     # spec_size * (spec_size // mel_bins); 2 s at 16 kHz with hop 320 -> 101 frames <= 64 * 2.
     spec_size, mel_bins, seconds, hop = 64, 32, 2, 320
@@ -603,20 +636,13 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def build_tiny(kind: str, out_dir: str | os.PathLike, *, seed: int = 0, size: str = "tiny") -> str:
-    """Save a deterministic random-weight model of ``kind`` with its real processor into ``out_dir``.
+def _cached_build(path: Path, wanted: dict[str, Any], make: Callable[[], tuple[Any, Any, dict[str, Any]]]) -> str:
+    """Return ``path`` if it holds a finished build matching ``wanted``, else build it with ``make``.
 
-    The folder loads offline with ``AutoProcessor`` / ``AutoTokenizer`` and the class named in
-    :data:`AUTO_CLASSES`. A folder that already holds a finished build of the same kind, seed and size
-    (see :data:`MARKER_FILE`) is returned as is, so session fixtures are cheap. A folder holding an
+    ``make()`` returns (model, processor, extra marker fields). The marker is written first as
+    incomplete and completed last, so an interrupted build is redone, never reused. A folder holding an
     earlier build of something else is cleared; a non-empty folder that is not a build raises.
     """
-    if kind not in _BUILDERS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-    if size not in _SIZES:
-        raise ValueError(f"unknown size {size!r}; expected one of {', '.join(_SIZES)}")
-    path = Path(out_dir)
-    wanted = {"format": _MARKER_FORMAT, "kind": kind, "seed": int(seed), "size": size}
     marker = _read_marker(path)
     if marker is not None and marker.get("complete") and all(marker.get(k) == v for k, v in wanted.items()):
         return str(path)
@@ -626,18 +652,47 @@ def build_tiny(kind: str, out_dir: str | os.PathLike, *, seed: int = 0, size: st
         shutil.rmtree(path)  # our own older or interrupted build
     path.mkdir(parents=True, exist_ok=True)
     (path / MARKER_FILE).write_text(json.dumps({**wanted, "complete": False}), encoding="utf-8")
-
-    with torch.random.fork_rng(devices=[]):  # deterministic weights without touching the caller's RNG
-        torch.manual_seed(seed)
-        model, processor = _BUILDERS[kind](size)
+    model, processor, extra = make()
     model.eval()
     model.save_pretrained(path)  # safetensors
     processor.save_pretrained(path)
-    info = {**wanted, "complete": True, "auto_class": AUTO_CLASSES[kind],
-            "model_class": type(model).__name__, "processor_class": type(processor).__name__,
-            "num_parameters": int(sum(p.numel() for p in model.parameters()))}
+    info = {**wanted, "complete": True, "model_class": type(model).__name__,
+            "processor_class": type(processor).__name__,
+            "num_parameters": int(sum(p.numel() for p in model.parameters())), **extra}
     (path / MARKER_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
     return str(path)
+
+
+def _check_kind(kind: str, size: str) -> None:
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if size not in _SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {', '.join(_SIZES)}")
+
+
+def _random_model(kind: str, size: str, seed: int) -> tuple[Any, Any]:
+    """The seeded random-weight model and real processor of ``kind``, without touching the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _BUILDERS[kind](size)
+
+
+def build_tiny(kind: str, out_dir: str | os.PathLike, *, seed: int = 0, size: str = "tiny") -> str:
+    """Save a deterministic random-weight model of ``kind`` with its real processor into ``out_dir``.
+
+    The folder loads offline with ``AutoProcessor`` / ``AutoTokenizer`` and the class named in
+    :data:`AUTO_CLASSES`. A folder that already holds a finished build of the same kind, seed and size
+    (see :data:`MARKER_FILE`) is returned as is, so session fixtures are cheap. A folder holding an
+    earlier build of something else is cleared; a non-empty folder that is not a build raises.
+    """
+    _check_kind(kind, size)
+    wanted = {"format": _MARKER_FORMAT, "kind": kind, "seed": int(seed), "size": size}
+
+    def make() -> tuple[Any, Any, dict[str, Any]]:
+        model, processor = _random_model(kind, size, seed)
+        return model, processor, {"auto_class": AUTO_CLASSES[kind]}
+
+    return _cached_build(Path(out_dir), wanted, make)
 
 
 # --------------------------------------------------------------------------------------------
@@ -814,6 +869,210 @@ def make_synthetic_samples(
     csv_path = out / "samples.csv"
     pd.DataFrame(rows).to_csv(csv_path, index=False)
     return str(csv_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Pretrained-like targets: kit models that have learnt the task format.
+# --------------------------------------------------------------------------------------------
+
+#: The kit architecture behind the pretrained-like target of each modality (:func:`build_target`).
+TARGET_KINDS = {"image": "image-text", "video": "image-text", "audio": "audio-text", "text": "text-lm"}
+# Pool and held-out draws use seeds far from those callers give make_synthetic_samples for their own data.
+_POOL_SEED, _HELDOUT_SEED = 7_000_000, 8_000_000
+
+
+def build_target(
+    modality: str,
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    size: str = "mini",
+    pool_size: int = 256,
+    epochs: int = 6,
+    learning_rate: float = 3e-3,
+    batch_size: int = 8,
+) -> str:
+    """Save a *pretrained-like* target for ``modality``: the kit model of its family (:data:`TARGET_KINDS`),
+    fully trained as a language model (every text token) on a disjoint pool of synthetic samples.
+
+    Why: a random-weight target answers uniformly over its vocabulary (≈ ln V nats), and one that only
+    ever learnt the answer letters answers every prompt alike; neither is a model whose members differ
+    from its non-members. Language-model training stands in for pre-training: the target then answers
+    in the task's format (held-out answer loss near ln 4 for four options, lower where it reads the
+    answer off the media) and its state at the answer depends on the prompt, so fine-tuning on members
+    (``fimmia_hf.finetune``) can memorise them. The held-out answer loss is measured on samples drawn
+    apart from the pool and recorded in :data:`MARKER_FILE` (``heldout_answer_loss``). Cached like
+    :func:`build_tiny`: a folder with a finished build of the same recipe is returned as is.
+    """
+    if modality not in TARGET_KINDS:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(TARGET_KINDS)}")
+    kind = TARGET_KINDS[modality]
+    _check_kind(kind, size)
+    wanted = {"format": _MARKER_FORMAT, "kind": f"target-{modality}", "seed": int(seed), "size": size,
+              "pool_size": pool_size, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size}
+
+    def make() -> tuple[Any, Any, dict[str, Any]]:
+        import tempfile
+
+        from .data import load_samples
+
+        model, processor = _random_model(kind, size, seed)
+        with tempfile.TemporaryDirectory(prefix="fimmia-target-") as tmp:
+            def draw(name: str, n: int, draw_seed: int) -> Any:
+                csv = make_synthetic_samples(Path(tmp) / name, modality=modality, n=n, seed=draw_seed)
+                return load_samples(csv)
+
+            pool = draw("pool", pool_size, _POOL_SEED + seed)
+            heldout = draw("heldout", 64, _HELDOUT_SEED + seed)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                _train_language_model(model, processor, modality, pool, epochs=epochs, learning_rate=learning_rate,
+                                      batch_size=batch_size, seed=seed)
+            loss = _answer_loss(model, processor, modality, heldout)
+        return model, processor, {"auto_class": AUTO_CLASSES[kind], "heldout_answer_loss": round(loss, 4)}
+
+    return _cached_build(Path(out_dir), wanted, make)
+
+
+def _collator(processor: Any, modality: str, *, answer_only: bool) -> Any:
+    from .chat import ChatEncoder
+    from .finetuning import ChatCollator
+
+    return ChatCollator(ChatEncoder(processor, answer_only=answer_only), None if modality == "text" else modality)
+
+
+def _train_language_model(
+    model: Any, processor: Any, modality: str, samples: Any, *, epochs: int, learning_rate: float, batch_size: int,
+    seed: int,
+) -> None:
+    """Full AdamW training on every text token of ``samples`` (media features in, never as targets)."""
+    from tqdm.auto import tqdm
+
+    collator = _collator(processor, modality, answer_only=False)
+    encodings = [collator.encode(row) for row in samples]  # media decoded once, not once per epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    order = np.random.default_rng(seed)
+    model.train()
+    steps = epochs * -(-len(encodings) // batch_size)
+    with tqdm(total=steps, desc=f"pretraining the kit {modality} target", unit="step") as bar:
+        for _ in range(epochs):
+            idx = order.permutation(len(encodings))
+            for start in range(0, len(idx), batch_size):
+                batch = collator.collate([encodings[i] for i in idx[start:start + batch_size]])
+                model(**batch).loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+                bar.update()
+    model.eval()
+
+
+@torch.no_grad()
+def _answer_loss(model: Any, processor: Any, modality: str, samples: Any) -> float:
+    """Mean answer loss (nats per answer token) of ``samples``: how well the target knows the task."""
+    collator = _collator(processor, modality, answer_only=True)
+    losses = [float(model(**collator([row])).loss) for row in samples]
+    return float(np.mean(losses))
+
+
+def build_infiller(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    size: str = "tiny",
+    epochs: int = 20,
+    learning_rate: float = 1e-2,
+    batch_size: int = 16,
+    mask_ratio: float = 0.15,
+) -> str:
+    """Save the kit T5 (kind ``"t5-infill"``) trained to fill masked words on the kit's corpus.
+
+    A random T5 fills a masked word with whatever tokens its weights happen to favour (``№55 №55 №55``),
+    so "fill" neighbours would be noise rather than the word-level edits FiMMIA is about. Trained on the
+    tokenizer corpus with T5's own objective (each masked word a sentinel, the target
+    ``<extra_id_0> word <extra_id_1> word ... </s>``), it fills in words. The share of held-out masked
+    words it restores exactly is recorded in :data:`MARKER_FILE` (``heldout_word_accuracy``). Cached
+    like :func:`build_tiny`.
+    """
+    kind = "t5-infill"
+    _check_kind(kind, size)
+    wanted = {"format": _MARKER_FORMAT, "kind": "infiller", "seed": int(seed), "size": size, "epochs": epochs,
+              "learning_rate": learning_rate, "batch_size": batch_size, "mask_ratio": mask_ratio}
+
+    def make() -> tuple[Any, Any, dict[str, Any]]:
+        model, tok = _random_model(kind, size, seed)
+        lines = _corpus()
+        order = np.random.default_rng(seed).permutation(len(lines))
+        heldout = [lines[i] for i in order[:32]]
+        train = [lines[i] for i in order[32:]]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _train_span_filling(model, tok, train, epochs=epochs, learning_rate=learning_rate,
+                                batch_size=batch_size, mask_ratio=mask_ratio, seed=seed)
+        accuracy = _fill_accuracy(model, tok, heldout, mask_ratio=mask_ratio, seed=seed)
+        return model, tok, {"auto_class": AUTO_CLASSES[kind], "heldout_word_accuracy": round(accuracy, 4)}
+
+    return _cached_build(Path(out_dir), wanted, make)
+
+
+def _mask_words(line: str, rng: np.random.Generator, ratio: float) -> tuple[str, list[str]]:
+    """Replace about ``ratio`` of the words of ``line`` by T5 sentinels; return the text and the words."""
+    words = line.split(" ")
+    n = min(len(words), max(1, round(len(words) * ratio)), 100)
+    chosen = sorted(rng.choice(len(words), size=n, replace=False).tolist())
+    masked = []
+    for j, i in enumerate(chosen):
+        masked.append(words[i])
+        words[i] = f"<extra_id_{j}>"
+    return " ".join(words), masked
+
+
+def _fill_target(masked: list[str]) -> str:
+    return "".join(f"<extra_id_{j}> {word} " for j, word in enumerate(masked)).rstrip()
+
+
+def _train_span_filling(
+    model: Any, tok: Any, lines: list[str], *, epochs: int, learning_rate: float, batch_size: int, mask_ratio: float,
+    seed: int,
+) -> None:
+    """AdamW on T5's span-filling objective, a fresh masking of every line each epoch."""
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    model.train()
+    steps = epochs * -(-len(lines) // batch_size)
+    with tqdm(total=steps, desc="pretraining the kit infiller", unit="step") as bar:
+        for _ in range(epochs):
+            order = rng.permutation(len(lines))
+            for start in range(0, len(order), batch_size):
+                pairs = [_mask_words(lines[i], rng, mask_ratio) for i in order[start:start + batch_size]]
+                batch = tok([p[0] for p in pairs], text_target=[_fill_target(p[1]) for p in pairs],
+                            return_tensors="pt", padding=True)
+                batch["labels"][batch["labels"] == tok.pad_token_id] = -100
+                model(**batch).loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+                bar.update()
+    model.eval()
+
+
+@torch.no_grad()
+def _fill_accuracy(model: Any, tok: Any, lines: list[str], *, mask_ratio: float, seed: int) -> float:
+    """Share of masked words the model restores exactly (greedy decoding)."""
+    rng = np.random.default_rng(seed + 1)
+    pairs = [_mask_words(line, rng, mask_ratio) for line in lines]
+    batch = tok([p[0] for p in pairs], return_tensors="pt", padding=True)
+    longest = max(len(p[1]) for p in pairs)
+    out = model.generate(**batch, max_new_tokens=8 * longest + 4, do_sample=False)
+    right = total = 0
+    for ids, (_, masked) in zip(out, pairs):
+        text = tok.decode(ids, skip_special_tokens=False).replace("<pad>", "").replace("</s>", "")
+        fills = [piece.strip() for piece in re.split(r"<extra_id_\d+>", text)[1:]]
+        right += sum(a == b for a, b in zip(fills, masked))
+        total += len(masked)
+    return right / max(total, 1)
 
 
 # --------------------------------------------------------------------------------------------

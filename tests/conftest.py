@@ -46,6 +46,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def kit_target(tmp_path_factory: pytest.TempPathFactory):
+    """`kit_target(modality)` -> the kit's pretrained-like target (`build_target`, ~1 min), built once per session."""
+    from fimmia_hf.testing import build_target
+
+    root = tmp_path_factory.mktemp("kit_targets")
+    return lambda modality: build_target(modality, root / modality)
+
+
+@pytest.fixture(scope="session")
 def synthetic_table(tmp_path_factory: pytest.TempPathFactory):
     """`synthetic_table(modality, n)` -> CSV path of synthetic samples with media beside it."""
     from fimmia_hf.testing import make_synthetic_samples

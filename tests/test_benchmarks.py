@@ -58,3 +58,21 @@ def test_bench_runs_a_registered_benchmark_by_name(monkeypatch, tmp_path, capsys
         "toy": {"n_samples": 5, "ratio": 1.5}, "other": {"n_samples": 5, "ratio": 2.0}}
     assert main(["bench", "--benchmarks", "nope"]) == 2
     assert "unknown benchmark(s) ['nope']; choose from toy, other" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_attack_benchmark_reports_every_method_over_seeds(tmp_path):
+    """`bench attack` on a small run: every head, classic attack and blind baseline with mean and std over
+    seeds, the dataset-level test at each size that fits, and the table printed from those figures."""
+    from fimmia_hf.benchmarks.attack import benchmark, format_table
+
+    figures = benchmark(n_samples=64, seeds=2, modalities=("text",), epochs=2, workdir=tmp_path)
+    text = figures["modalities"]["text"]
+    methods = text["methods"]
+    assert {"FiMMIA combined", "FiMMIA", "FiMMIA loss-only", "loss", "min_k_pp_20"} <= methods.keys()
+    assert any(m["kind"] == "blind baseline" for m in methods.values())
+    assert all(0 <= m["auc_mean"] <= 1 and m["auc_std"] >= 0 for m in methods.values())
+    assert methods["loss"]["auc_std"] > 0  # two seeds, two different targets and splits
+    assert list(text["dataset_inference"]) == ["32"]  # 32 members and 32 non-members of cross-fitted scores
+    assert 0 < text["dataset_inference"]["32"]["p_median"] <= 1
+    assert text["best_classic_attack"] in methods and "FiMMIA combined" in format_table(figures)

@@ -164,63 +164,32 @@ def test_unknown_training_argument_is_rejected(tiny_model, synthetic_table, tmp_
 # -------------------------------------------------------------------------------------------------
 # members learn: the fine-tuned model's loss separates members from non-members (slow)
 # -------------------------------------------------------------------------------------------------
-def _member_gap(modality: str, tiny_model, synthetic_table, tmp_path, answer_only: bool = True) -> dict[str, float]:
-    """Fine-tune on the label-1 half, score everything with TargetScorer before and after.
-
-    `answer_only=False` trains and scores every text token (the same switch on both sides).
-    """
+def _member_gap(modality: str, kit_target, synthetic_table, tmp_path) -> dict[str, float]:
+    """The demo's member step (`fimmia_hf.recipe`) on the label-1 half of 32 fresh samples; the mean answer
+    loss of members and non-members under the kit's pretrained-like target and after SFT-LoRA."""
+    from fimmia_hf.recipe import MEMBER_LEARNING_RATE, MEMBER_LORA
     from fimmia_hf.scoring import TargetScorer
 
-    base = tiny_model(KIND[modality])
-    samples = load_samples(synthetic_table(modality, n=8))
+    base = kit_target(modality)
+    samples = load_samples(synthetic_table(modality, n=32, seed=5))
     members = samples.filter(lambda r: r["label"] == 1)
-    model, _ = _load(base)
-    # Tiny random models cannot express a peaked distribution (std-0.02 tied embeddings, frozen final
-    # norm cap the logits near +-0.6), so the test also trains the final norm and uses a high LR.
-    lora = {
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "lora_dropout": 0.0,
-        "modules_to_save": [f"{language_model_prefix(model)}.norm"],
-    }
-    out = finetune(
-        base,
-        members,
-        output_dir=tmp_path / modality,
-        lora=lora,
-        epochs=10,
-        learning_rate=5e-2,
-        answer_only=answer_only,
-        activation_checkpointing=False,
-        per_device_train_batch_size=1,
-        logging_steps=1000,
-        use_cpu=True,
-    )
+    out = finetune(base, members, output_dir=tmp_path / modality, lora=MEMBER_LORA, epochs=15,
+                   learning_rate=MEMBER_LEARNING_RATE, per_device_train_batch_size=8, activation_checkpointing=False,
+                   logging_steps=1000, use_cpu=True)
     labels = np.array(samples["label"])
     figures = {}
     for name, target in (("before", base), ("after", out)):
-        loss = np.array(TargetScorer(target, token_stats=False, answer_only=answer_only).apply(samples)["loss"])
+        loss = np.array(TargetScorer(target, token_stats=False).apply(samples)["loss"])
         figures[f"{name}_members"], figures[f"{name}_non_members"] = loss[labels == 1].mean(), loss[labels == 0].mean()
-    figures["train_seconds"] = json.loads((Path(out) / "fimmia_finetune.json").read_text())["train_seconds"]
-    print(modality, f"answer_only={answer_only}", {k: round(float(v), 3) for k, v in figures.items()})
+    print(modality, {k: round(float(v), 3) for k, v in figures.items()})
     return figures
 
 
-_TINY_LIMIT = pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "the tiny video/audio prompts differ only in option order, and a 32-wide random model with a frozen "
-        "final norm learns the letter distribution but not each sample's letter; see the report's figures"
-    ),
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "modality", ["image", "text", pytest.param("video", marks=_TINY_LIMIT), pytest.param("audio", marks=_TINY_LIMIT)]
-)
-def test_members_loss_falls_below_non_members(modality, tiny_model, synthetic_table, tmp_path):
-    f = _member_gap(modality, tiny_model, synthetic_table, tmp_path)
-    assert abs(f["before_members"] - f["before_non_members"]) < 0.1  # no gap before
+@pytest.mark.parametrize("modality", ["image", "text", "video", "audio"])
+def test_members_loss_falls_below_non_members(modality, kit_target, synthetic_table, tmp_path):
+    f = _member_gap(modality, kit_target, synthetic_table, tmp_path)
+    assert abs(f["before_members"] - f["before_non_members"]) < 0.3  # the base target saw neither half
     assert f["after_members"] < f["before_members"] - 0.2  # members learned
     assert f["after_members"] < f["after_non_members"] - 0.2  # ... more than non-members
 

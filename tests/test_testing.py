@@ -313,3 +313,77 @@ def test_small_image_text_size(tmp_path: Path) -> None:
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
+
+
+# ------------------------------------------------------------------------------------ pretrained-like kit models
+
+
+def test_prompts_carry_content_of_their_own(tmp_path: Path) -> None:
+    """Every prompt has a line only it has (who sent the task, from where), as real benchmark items do;
+    a model can memorise a sample only by what distinguishes it."""
+    frame = pd.read_csv(make_synthetic_samples(tmp_path, modality="image", n=64, seed=0))
+    assert frame["input"].nunique() == 64
+    assert frame["input"].str.contains(r"^Задание №\d+ прислала? \w+ из \w+ .+\.$", regex=True, flags=re.M).all()
+
+
+def test_build_target_records_its_recipe_and_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = testing.build_target("text", tmp_path / "t", pool_size=16, epochs=1)
+    marker = json.loads((Path(path) / MARKER_FILE).read_text())
+    assert marker["kind"] == "target-text" and marker["size"] == "mini" and marker["pool_size"] == 16
+    assert np.isfinite(marker["heldout_answer_loss"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.hidden_size == 64
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished build must be reused, not retrained")
+
+    monkeypatch.setattr(testing, "_train_language_model", no_training)
+    assert testing.build_target("text", tmp_path / "t", pool_size=16, epochs=1) == path
+    with pytest.raises(AssertionError, match="reused"):  # another recipe is another build
+        testing.build_target("text", tmp_path / "t", pool_size=16, epochs=2)
+
+
+def test_build_target_rejects_unknown_modality(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown modality 'smell'"):
+        testing.build_target("smell", tmp_path)
+    assert not tmp_path.joinpath(MARKER_FILE).exists()
+
+
+def test_build_infiller_records_its_accuracy_and_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = testing.build_infiller(tmp_path / "f", epochs=1)
+    marker = json.loads((Path(path) / MARKER_FILE).read_text())
+    assert marker["kind"] == "infiller" and 0.0 <= marker["heldout_word_accuracy"] <= 1.0
+    monkeypatch.setattr(testing, "_train_span_filling", lambda *a, **k: pytest.fail("retrained"))
+    assert testing.build_infiller(tmp_path / "f", epochs=1) == path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality", ["image", "audio", "video", "text"])
+def test_kit_target_answers_in_the_task_format(modality: str, kit_target) -> None:
+    """The default recipe: held-out answer loss within 0.25 of ln 4 (four options) or below, far under
+    the ln V of a random-weight target."""
+    loss = json.loads((Path(kit_target(modality)) / MARKER_FILE).read_text())["heldout_answer_loss"]
+    assert loss <= np.log(4) + 0.25
+
+
+@pytest.mark.slow
+def test_kit_infiller_fills_in_words(tmp_path: Path) -> None:
+    """Fill neighbours of the trained infiller are made of the corpus's words; a random T5's are not."""
+    import datasets
+
+    from fimmia_hf import NeighborGenerator, load_samples
+
+    datasets.disable_progress_bars()
+    words = {w.strip(".,:?!") for line in testing._corpus() for w in line.split()}
+    samples = load_samples(make_synthetic_samples(tmp_path / "s", modality="text", n=4, seed=3))
+
+    def share_of_known_words(model: str) -> float:
+        ds = NeighborGenerator(model, num_neighbors=4, ops=["fill"]).apply(samples, cache_dir=tmp_path / model[-6:])
+        new = [w.strip(".,:?!") for row in ds for text in row["neighbors"]
+               for w in set(text.split()) - set(row["input"].split())]
+        return float(np.mean([w in words for w in new]))
+
+    trained = testing.build_infiller(tmp_path / "trained")
+    random = build_tiny("t5-infill", tmp_path / "random")
+    assert json.loads((Path(trained) / MARKER_FILE).read_text())["heldout_word_accuracy"] > 0.02
+    assert share_of_known_words(trained) > 0.8 > share_of_known_words(random)

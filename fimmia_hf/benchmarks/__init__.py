@@ -6,4 +6,5 @@ and samples both ways, so ratios compare like with like). A new benchmark is one
 its name in `BENCHMARKS`; `runner` runs them, prints one table and writes the JSON.
 """
 
-BENCHMARKS = ("score", "neighbors", "embed", "e2e")  # in the order `fimmia-hf bench` runs them
+BENCHMARKS = ("score", "neighbors", "embed", "e2e", "attack")  # in the order `fimmia-hf bench` runs them
+LONG = ("attack",)  # run only when named: the attack-quality benchmark trains targets (~30 minutes on 2 CPU cores)
