@@ -81,3 +81,16 @@ def test_template_is_found_per_ds_name(tmp_path):
     out = gen.apply(ds, cache_dir=tmp_path)  # "b" has one sample: nothing to compare it with, no template
     assert all(PREAMBLE in n and CLOSING in n for row in out.select([0, 1]) for n in row["neighbors"])
     assert any(PREAMBLE not in n or CLOSING not in n for n in out[2]["neighbors"])
+
+
+def test_mask_ratio_counts_only_the_samples_own_words():
+    from fimmia_hf.neighbors.operations import mask_count
+    from fimmia_hf.neighbors.template import line_patterns
+    from fimmia_hf.neighbors.words import Words
+
+    boilerplate = " ".join(f"rule{i}" for i in range(60))
+    text = f"{boilerplate}\n" + " ".join(f"own{i}" for i in range(20))
+    plain, protected = Words.parse(text, []), Words.parse(text, [], line_patterns([boilerplate]))
+    assert protected.eligible == list(range(60, 80)) and protected.shared == 60
+    # a quarter of the sample's 20 words, not of all 80 (which would change every one of them)
+    assert mask_count(protected, 0.25, 1, 40) == 5 and mask_count(plain, 0.25, 1, 40) == 20

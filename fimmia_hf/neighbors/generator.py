@@ -76,7 +76,8 @@ class NeighborGenerator(Stage):
         protected: extra regexes (str or compiled) whose matches are never touched, on top of
             `DEFAULT_PROTECTED` (media placeholders, option letters, answer/question markers).
         protect_template: also protect the template lines: those at least this share of the samples of the
-            same `ds_name` (and at least two) contain (`True` = 0.5; see `neighbors.template`). A sample the
+            same `ds_name` (and at least two) contain (`True` = 0.5; see `neighbors.template`); `mask_ratio`
+            then counts only the words outside them. A sample the
             template leaves no word to change is perturbed as without it (one warning counts them). A sample's
             neighbours then depend on the other samples of its `ds_name` in the dataset.
         media_perturbation: also write one perturbed media file per neighbour (`media_neighbors`);
@@ -194,7 +195,7 @@ class NeighborGenerator(Stage):
         shared = lines_of(text) & template
         if not shared:
             return words, False
-        protected = Words.parse(text, [*self.patterns, *line_patterns(shared)])
+        protected = Words.parse(text, self.patterns, line_patterns(shared))
         return (protected, False) if protected.eligible else (words, bool(words.eligible))
 
     def load_model(self) -> Infiller:
