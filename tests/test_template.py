@@ -94,3 +94,16 @@ def test_mask_ratio_counts_only_the_samples_own_words():
     assert protected.eligible == list(range(60, 80)) and protected.shared == 60
     # a quarter of the sample's 20 words, not of all 80 (which would change every one of them)
     assert mask_count(protected, 0.25, 1, 40) == 5 and mask_count(plain, 0.25, 1, 40) == 20
+
+
+def test_cli_protects_the_template(tmp_path):
+    from fimmia_hf.cli import parse_command
+    from fimmia_hf.neighbors.cli import run_neighbors
+
+    task(*QUESTIONS).remove_columns("sample_id").add_column("answer", list("ABCD")).to_csv(tmp_path / "samples.csv", index=False)
+    args = parse_command("neighbors", ["--data", str(tmp_path / "samples.csv"), "--out", str(tmp_path / "out"),
+                                       "--ops", "delete,swap", "--num-neighbors", "4", "--protect-template", "0.5",
+                                       "--cache-dir", str(tmp_path / "cache")])
+    assert run_neighbors(args) == 0
+    out = datasets.load_from_disk(str(tmp_path / "out"))
+    assert all(n.startswith(f"{PREAMBLE}\n<image>\n") and n.endswith(CLOSING) for r in out for n in r["neighbors"])
