@@ -77,9 +77,9 @@ class NeighborGenerator(Stage):
             `DEFAULT_PROTECTED` (media placeholders, option letters, answer/question markers).
         protect_template: also protect the template lines: those at least this share of the samples of the
             same `ds_name` (and at least two) contain (`True` = 0.5; see `neighbors.template`); `mask_ratio`
-            then counts only the words outside them. A sample the
-            template leaves no word to change is perturbed as without it (one warning counts them). A sample's
-            neighbours then depend on the other samples of its `ds_name` in the dataset.
+            then counts only the words outside them. A sample the template leaves no word to change is
+            perturbed as without it (one warning counts them). A sample's neighbours then depend on the other
+            samples of its `ds_name` in the dataset.
         media_perturbation: also write one perturbed media file per neighbour (`media_neighbors`);
             `True` uses `MediaPerturbation()`, or pass a `MediaPerturbation` to set strengths.
         model_batch_size: sequences per `generate` (or masked-LM forward) call.
