@@ -14,8 +14,9 @@ mixes ranges; a damaged chunk file is detected, deleted and computed again, with
 Settings that only change speed are left out of the fingerprint, since results do not depend on them:
 `map_batch_size` (rows per `map` batch), `model_batch_size` (items per forward) and the device.
 
-What a stage knows about the dataset being mapped travels in a `StageContext` handed to `process`,
-never in attributes of the stage, so one stage object serves any number of datasets.
+What a stage knows about the dataset being mapped (including what `survey` finds across all its rows)
+travels in a `StageContext` handed to `process`, never in attributes of the stage, so one stage object
+serves any number of datasets.
 """
 
 from __future__ import annotations
@@ -243,6 +244,7 @@ class StageContext:
     folder: Path  # the stage's cache folder (a stage may keep files there, e.g. perturbed media)
     media_column: str | None  # the media column the stage reads, if any
     rows: Sequence[int] = ()  # the dataset rows (0-based) of the batch being processed
+    survey: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # what `Stage.survey` found in the dataset
 
     def where(self, batch: Mapping[str, list], j: int) -> str:
         """"row 12 (sample_id 'abc')" for row `j` of `batch`, numbered from 1 as `load_samples` errors are."""
@@ -281,6 +283,11 @@ class Stage:
     def check(self, ds: datasets.Dataset) -> None:
         """Raise a `ValueError` naming the rows and columns this stage cannot process."""
 
+    def survey(self, ds: datasets.Dataset) -> Mapping[str, Any]:
+        """What `process` must know about the whole dataset, not just its batch (e.g. lines most samples share);
+        found once per `apply`, it reaches `process` as `context.survey`."""
+        return {}
+
     def features(self, ds: datasets.Dataset) -> datasets.Features | None:
         """The output features (None: inferred from the first batch)."""
         return None
@@ -309,7 +316,7 @@ class Stage:
     def context(self, ds: datasets.Dataset, cache_dir: str | os.PathLike | None = None) -> StageContext:
         """The context `process` gets for `ds` (also for calling `process` directly, as benchmarks do)."""
         folder = Path(cache_dir) if cache_dir else default_cache_dir() / self.name
-        return StageContext(self.fingerprint(ds), folder, self.media_column(ds))
+        return StageContext(self.fingerprint(ds), folder, self.media_column(ds), survey=self.survey(ds))
 
     def _process_rows(self, batch: dict[str, list], indices: list[int], context: StageContext,
                       first_row: int) -> dict[str, list]:

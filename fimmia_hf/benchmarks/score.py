@@ -2,12 +2,15 @@
 
 The reference runs one forward per item (original and each neighbour), batch 1, with the image
 decoded and encoded again every time; ours shares each sample's media and KV-cache prefix. Both
-score the same samples with the same model; the losses must agree.
+score the same samples with the same model; the losses must agree. The neighbours are the real
+generator's one-word deletions, duplications and swaps, in MERA's layout also with `protect_template`
+(the preamble and closing instruction every sample shares stay as they are).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,30 +19,15 @@ import datasets
 import numpy as np
 
 from ..media import load_media
+from ..neighbors import NeighborGenerator
 from ..scoring import TargetScorer, load_target, loss_of, score_plain
 
 
-def _word_neighbors(text: str, k: int, seed: int) -> list[str]:
-    """Cheap deterministic word perturbations (delete / swap / duplicate) for the benchmark.
-
-    Like the real neighbour generator, they never touch or move a media placeholder.
-    """
-    rng = np.random.default_rng(seed)
-    words = text.split(" ")
-    free = [i for i, w in enumerate(words) if "<" not in w]
-    out = []
-    for _ in range(k):
-        w = list(words)
-        i, j = (int(x) for x in rng.choice(free, 2))
-        op = int(rng.integers(0, 3))
-        if op == 0:
-            del w[i]
-        elif op == 1:
-            w[i], w[j] = w[j], w[i]
-        else:
-            w.insert(i, w[i])
-        out.append(" ".join(w))
-    return out
+def _with_neighbors(table: datasets.Dataset, k: int, protect_template: bool, cache: Path) -> datasets.Dataset:
+    """`table` with `k` one-word delete / duplicate / swap neighbours per sample (no model needed)."""
+    generator = NeighborGenerator(ops=("delete", "duplicate", "swap"), num_neighbors=k, mask_ratio=0.0, min_masks=1,
+                                  protect_template=protect_template)
+    return generator.apply(table, cache_dir=cache)
 
 
 def _time_both_ways(ds: datasets.Dataset, model: Any, processor: Any, batch_size: int, cache: Path) -> dict[str, float]:
@@ -76,10 +64,28 @@ _MERA_PROMPT = (
     "варианту ответа из предложенных. Финальный ответ прошу написать после слова ОТВЕТ (литера через пробел "
     "после этого слова)."
 )
-_LAYOUTS = {  # the synthetic prompt is "instruction <image> question options ОТВЕТ:"
-    "mera": lambda t: _MERA_PROMPT.format(question=t.split("<image>\n")[1].rsplit("\n", 1)[0]),
-    "media_first": lambda t: "<image>\n" + t.replace("<image>\n", ""),
-    "media_last": lambda t: t.replace("<image>\n", "") + "\n<image>",
+_QUESTIONS = (  # ruCLEVR-like questions, one per sample as in MERA (the synthetic samples all ask the same)
+    "Сколько предметов находится слева от большого красного куба?",
+    "Какого цвета маленький металлический шар за зелёным цилиндром?",
+    "Есть ли здесь резиновый предмет того же размера, что и синий конус?",
+    "Из какого материала сделан большой предмет справа от жёлтого цилиндра?",
+    "Сколько цилиндров того же цвета, что и маленький куб?",
+    "Какой формы серый предмет перед большим металлическим шаром?",
+    "Одинакового ли размера фиолетовый куб и коричневый шар?",
+    "Сколько блестящих предметов находится за маленьким зелёным кубом?",
+)
+
+
+def _mera(text: str) -> str:
+    """The synthetic prompt's question and options in MERA's prompt."""
+    return _MERA_PROMPT.format(question=text.split("<image>\n")[1].rsplit("\n", 1)[0])
+
+
+_LAYOUTS = {  # name: (layout of "instruction <image> question options ОТВЕТ:", protect_template)
+    "mera": (_mera, False),
+    "media_first": (lambda t: "<image>\n" + t.replace("<image>\n", ""), False),
+    "media_last": (lambda t: t.replace("<image>\n", "") + "\n<image>", False),
+    "template": (_mera, True),  # MERA's layout, the lines all its samples share protected
 }
 
 
@@ -99,8 +105,9 @@ def benchmark(
     limit) with `k` word-perturbed neighbours and scores them both ways in three prompt
     layouts: MERA's (the headline `speedup`), media first (the whole prompt after the media: the
     most prefix to share) and media last (the original's video and audio layout: every perturbed
-    word comes before the media, so the media tokens run again for each neighbour). Returns the
-    throughput ratios, the largest loss difference and the peak RSS.
+    word comes before the media, so the media tokens run again for each neighbour); and MERA's again
+    with `protect_template` neighbours (`speedup_template`: only each sample's own lines change, all
+    after the media). Returns the throughput ratios, the largest loss difference and the peak RSS.
     """
     import resource
     import tempfile
@@ -116,11 +123,12 @@ def benchmark(
             load_media("image", path).resize(tuple(image_size)).save(path)
         model, processor = load_target(model_dir, dtype="float32")
         processor.image_processor.size["longest_edge"] = 12845056  # Qwen2.5-VL's own pixel limit, not the tiny one
+        texts = [re.sub(r"(?m)^Вопрос:.*$", f"Вопрос: {_QUESTIONS[i % len(_QUESTIONS)]}", t, count=1)
+                 for i, t in enumerate(ds["input"])]
         runs = {}
-        for layout, to_layout in _LAYOUTS.items():
-            prompts = [to_layout(t) for t in ds["input"]]
-            table = ds.remove_columns("input").add_column("input", prompts)
-            table = table.add_column("neighbors", [_word_neighbors(t, k, i) for i, t in enumerate(prompts)])
+        for layout, (to_layout, protect_template) in _LAYOUTS.items():
+            table = ds.remove_columns("input").add_column("input", [to_layout(t) for t in texts])
+            table = _with_neighbors(table, k, protect_template, root / f"neighbors-{layout}")
             runs[layout] = _time_both_ways(table, model, processor, batch_size, root / f"cache-{layout}")
 
     mera = runs["mera"]

@@ -33,6 +33,9 @@ class NeighborsArguments:
     seed: int = HfArg(default=0, help="seed; with the sample's content it fixes its neighbours")
     protect: list[str] = HfArg(
         default_factory=list, help="extra protected patterns (regular expressions)", metadata={"metavar": "REGEX"})
+    protect_template: float = HfArg(
+        default=0.0, help="also protect the lines at least this share of a ds_name's samples contain (0: off)",
+        metadata={"metavar": "SHARE"})
     media_perturbation: bool = HfArg(
         default=False, help="also write perturbed media per neighbour")
     infill_style: str = HfArg(
@@ -63,6 +66,7 @@ def run_neighbors(args: NeighborsArguments) -> int:
         max_text_len=args.max_text_len,
         seed=args.seed,
         protected=args.protect,
+        protect_template=args.protect_template or False,
         media_perturbation=args.media_perturbation,
         model_batch_size=args.batch_size,
         infill_style=args.infill_style,

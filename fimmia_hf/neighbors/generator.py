@@ -5,14 +5,16 @@ model call per round (`infill`), keeps only neighbours that differ from the orig
 other, and with media perturbation writes one seeded, perturbed media file per neighbour into the
 stage's cache folder (`perturb_media`). A text too short for K neighbours gets fewer, and says so in
 `num_neighbors` (never padded with copies); truncation to `max_text_len` only changes the generated
-rows (the `input` column of the output, flagged by `input_truncated`), never the user's file.
+rows (the `input` column of the output, flagged by `input_truncated`), never the user's file. With
+`protect_template`, the lines most samples of a `ds_name` share (`template`) are found at `apply` time
+(`survey`) and protected in every neighbour.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,12 +22,13 @@ from typing import Any, ClassVar
 import datasets
 import numpy as np
 
-from ..columns import ANSWER, INPUT, MEDIA_NEIGHBORS, NEIGHBOR_OPS, NEIGHBORS, NUM_NEIGHBORS, SAMPLE_ID
+from ..columns import ANSWER, DS_NAME, INPUT, MEDIA_NEIGHBORS, NEIGHBOR_OPS, NEIGHBORS, NUM_NEIGHBORS, SAMPLE_ID
 from ..media import MediaError
 from ..stage import Stage, StageContext, media_digest, resolve_device
 from .infill import INFILL_STYLES, Infiller, load_infiller
 from .operations import OPS, derive_seed, edit, fill_request, mask_count
 from .perturb_media import MediaPerturbation, write_perturbed
+from .template import line_patterns, lines_of, template_lines, template_share
 from .words import DEFAULT_PROTECTED, Words, truncate_tail
 
 _FILL_ROUNDS = 3  # fill rounds: later ones retry samples whose fills collided with other neighbours
@@ -72,6 +75,11 @@ class NeighborGenerator(Stage):
         seed: with the sample's content (`content_key`), fixes every random choice.
         protected: extra regexes (str or compiled) whose matches are never touched, on top of
             `DEFAULT_PROTECTED` (media placeholders, option letters, answer/question markers).
+        protect_template: also protect the template lines: those at least this share of the samples of the
+            same `ds_name` (and at least two) contain (`True` = 0.5; see `neighbors.template`); `mask_ratio`
+            then counts only the words outside them. A sample the template leaves no word to change is
+            perturbed as without it (one warning counts them). A sample's neighbours then depend on the other
+            samples of its `ds_name` in the dataset.
         media_perturbation: also write one perturbed media file per neighbour (`media_neighbors`);
             `True` uses `MediaPerturbation()`, or pass a `MediaPerturbation` to set strengths.
         model_batch_size: sequences per `generate` (or masked-LM forward) call.
@@ -84,7 +92,7 @@ class NeighborGenerator(Stage):
     version: ClassVar[str] = "3"  # 3: draws seeded by the sample's content, not its sample_id
     settings: ClassVar[tuple[str, ...]] = (
         "ops", "num_neighbors", "mask_ratio", "min_masks", "max_masks", "max_text_len", "seed", "patterns",
-        "media", "infill_style", "infill_overrides", "dtype", "column",
+        "template_share", "media", "infill_style", "infill_overrides", "dtype", "column",
     )
     model_references: ClassVar[tuple[str, ...]] = ("model", "tokenizer")
     map_batch_size: ClassVar[int] = 16
@@ -101,6 +109,7 @@ class NeighborGenerator(Stage):
         max_text_len: int = 4000,
         seed: int = 0,
         protected: Iterable[str | re.Pattern] | None = None,
+        protect_template: bool | float = False,
         media_perturbation: bool | MediaPerturbation = False,
         model_batch_size: int = 16,
         infill_style: str = "auto",
@@ -135,6 +144,7 @@ class NeighborGenerator(Stage):
         self.patterns = [
             p if isinstance(p, re.Pattern) else re.compile(p) for p in (*DEFAULT_PROTECTED, *(protected or ()))
         ]
+        self.template_share = template_share(protect_template)
         if media_perturbation is True:
             media_perturbation = MediaPerturbation()
         self.media: MediaPerturbation | None = media_perturbation or None
@@ -161,6 +171,32 @@ class NeighborGenerator(Stage):
             )
         if self.media and self.media_column(ds) is None:
             warnings.warn("media_perturbation is on but the samples have no image/audio/video column", stacklevel=3)
+
+    def survey(self, ds: datasets.Dataset) -> Mapping[str, Any]:
+        """The template lines per `ds_name` (with `protect_template`), from the texts as `process` sees them."""
+        if self.template_share is None:
+            return {}
+        texts = [truncate_tail(t, self.max_text_len) for t in ds[self.column]]
+        groups = ds[DS_NAME] if DS_NAME in ds.column_names else [""] * len(texts)
+        template = template_lines(texts, groups, self.template_share)
+        unprotected = sum(self._parse(t, template[g])[1] for t, g in zip(texts, groups))
+        if unprotected:
+            warnings.warn(
+                f"{unprotected} sample(s) have no word to change outside their template lines (the lines most "
+                f"samples of their ds_name share); they are perturbed as with protect_template=False",
+                stacklevel=4,
+            )
+        return {"template": template}
+
+    def _parse(self, text: str, template: frozenset[str] = frozenset()) -> tuple[Words, bool]:
+        """`text` as words with its template lines protected too, and whether that was dropped because it left
+        no word to change."""
+        words = Words.parse(text, self.patterns)
+        shared = lines_of(text) & template
+        if not shared:
+            return words, False
+        protected = Words.parse(text, self.patterns, line_patterns(shared))
+        return (protected, False) if protected.eligible else (words, bool(words.eligible))
 
     def load_model(self) -> Infiller:
         return load_infiller(
@@ -194,9 +230,11 @@ class NeighborGenerator(Stage):
         contents = [content_key(batch, j, self.column, context.media_column) for j in range(len(texts))]
         truncated = [len(t) > self.max_text_len for t in texts]
         texts = [truncate_tail(t, self.max_text_len) for t in texts]
+        template = context.survey.get("template", {})
+        groups = batch.get(DS_NAME) or [""] * len(texts)
         states = []
-        for text, sid, content in zip(texts, ids, contents):
-            words = Words.parse(text, self.patterns)
+        for text, sid, content, group in zip(texts, ids, contents, groups):
+            words = self._parse(text, template.get(group, frozenset()))[0]
             states.append(_RowState(sid, content, words, self.masks_per_neighbor(words), seen={text},
                                     made={op: [] for op in self.ops}, attempts=dict.fromkeys(self.ops, 0)))
         quotas = self.quotas()

@@ -25,13 +25,13 @@ def derive_seed(*parts: Any) -> int:
 
 
 def mask_count(text: Words, mask_ratio: float, min_masks: int, max_masks: int) -> int:
-    """Words changed per neighbour: `mask_ratio` of the words, clipped to
+    """Words changed per neighbour: `mask_ratio` of the words (those outside template lines), clipped to
     [min(min_masks, eligible - 1), max_masks] (the original's rule); 0 when no word may change."""
     eligible = len(text.eligible)
     if eligible == 0:
         return 0
     floor = max(1, min(min_masks, eligible - 1))
-    return min(max(int(len(text.words) * mask_ratio), floor), max_masks, eligible)
+    return min(max(int((len(text.words) - text.shared) * mask_ratio), floor), max_masks, eligible)
 
 
 def edit(text: Words, op: str, count: int, rng: np.random.Generator) -> str | None:

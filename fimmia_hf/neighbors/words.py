@@ -2,7 +2,8 @@
 
 Neighbours change words in place between the original separators, so whitespace and line breaks
 survive every operation; media placeholders, option letters, answer/question markers and user
-regexes are protected: never changed, deleted, duplicated or moved.
+regexes are protected: never changed, deleted, duplicated or moved; so are a task's template lines
+(`template`), whose words are also left out of the count `mask_ratio` applies to.
 """
 
 from __future__ import annotations
@@ -29,18 +30,19 @@ class Words:
     words: list[str]
     seps: list[str]
     protected: list[bool]
+    shared: int = 0  # how many words are in template lines (protected, and not the sample's own)
 
     @classmethod
-    def parse(cls, text: str, patterns: Sequence[re.Pattern]) -> Words:
+    def parse(cls, text: str, patterns: Sequence[re.Pattern], template: Sequence[re.Pattern] = ()) -> Words:
+        """`text` split into words; those overlapping a match of `patterns` or `template` are protected."""
         parts = _SPLIT.split(text)
         words, seps = parts[1::2], parts[0::2]
-        spans = [m.span() for p in patterns for m in p.finditer(text) if m.end() > m.start()]
-        protected, pos = [], len(seps[0])
+        positions, pos = [], len(seps[0])
         for word, sep in zip(words, seps[1:]):
-            start, end = pos, pos + len(word)
-            protected.append(any(s < end and start < e for s, e in spans))
-            pos = end + len(sep)
-        return cls(words, seps, protected)
+            positions.append((pos, pos + len(word)))
+            pos += len(word) + len(sep)
+        protected, shared = _overlapping(text, positions, patterns), _overlapping(text, positions, template)
+        return cls(words, seps, [p or t for p, t in zip(protected, shared)], sum(shared))
 
     def text(self, words: list[str] | None = None, seps: list[str] | None = None) -> str:
         words, seps = words if words is not None else self.words, seps if seps is not None else self.seps
@@ -55,6 +57,12 @@ class Words:
     def movable(self) -> list[int]:
         """Words that may be swapped: every unprotected word."""
         return [i for i, p in enumerate(self.protected) if not p]
+
+
+def _overlapping(text: str, positions: list[tuple[int, int]], patterns: Sequence[re.Pattern]) -> list[bool]:
+    """Per word (its (start, end) in `text`), whether it overlaps a non-empty match of one of `patterns`."""
+    spans = [m.span() for p in patterns for m in p.finditer(text) if m.end() > m.start()]
+    return [any(s < end and start < e for s, e in spans) for start, end in positions]
 
 
 def has_letter(word: str) -> bool:
