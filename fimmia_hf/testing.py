@@ -941,30 +941,41 @@ def _collator(processor: Any, modality: str, *, answer_only: bool) -> Any:
     return ChatCollator(ChatEncoder(processor, answer_only=answer_only), None if modality == "text" else modality)
 
 
-def _train_language_model(
-    model: Any, processor: Any, modality: str, samples: Any, *, epochs: int, learning_rate: float, batch_size: int,
-    seed: int,
-) -> None:
-    """Full AdamW training on every text token of ``samples`` (media features in, never as targets)."""
+def _fit(model: Any, batches: Callable[[], Iterator[dict[str, Any]]], *, epochs: int, steps_per_epoch: int,
+         learning_rate: float, desc: str) -> None:
+    """Full AdamW training (no weight decay, gradients clipped at 1): the loop both kit pretrainings share.
+    ``batches()`` yields one epoch of model inputs with labels."""
     from tqdm.auto import tqdm
 
-    collator = _collator(processor, modality, answer_only=False)
-    encodings = [collator.encode(row) for row in samples]  # media decoded once, not once per epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    order = np.random.default_rng(seed)
     model.train()
-    steps = epochs * -(-len(encodings) // batch_size)
-    with tqdm(total=steps, desc=f"pretraining the kit {modality} target", unit="step") as bar:
+    with tqdm(total=epochs * steps_per_epoch, desc=desc, unit="step") as bar:
         for _ in range(epochs):
-            idx = order.permutation(len(encodings))
-            for start in range(0, len(idx), batch_size):
-                batch = collator.collate([encodings[i] for i in idx[start:start + batch_size]])
+            for batch in batches():
                 model(**batch).loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 optimizer.zero_grad()
                 bar.update()
     model.eval()
+
+
+def _train_language_model(
+    model: Any, processor: Any, modality: str, samples: Any, *, epochs: int, learning_rate: float, batch_size: int,
+    seed: int,
+) -> None:
+    """Full AdamW training on every text token of ``samples`` (media features in, never as targets)."""
+    collator = _collator(processor, modality, answer_only=False)
+    encodings = [collator.encode(row) for row in samples]  # media decoded once, not once per epoch
+    rng = np.random.default_rng(seed)
+
+    def batches() -> Iterator[dict[str, Any]]:
+        order = rng.permutation(len(encodings))
+        for start in range(0, len(order), batch_size):
+            yield collator.collate([encodings[i] for i in order[start:start + batch_size]])
+
+    _fit(model, batches, epochs=epochs, steps_per_epoch=-(-len(encodings) // batch_size), learning_rate=learning_rate,
+         desc=f"pretraining the kit {modality} target")
 
 
 @torch.no_grad()
@@ -1036,26 +1047,19 @@ def _train_span_filling(
     seed: int,
 ) -> None:
     """AdamW on T5's span-filling objective, a fresh masking of every line each epoch."""
-    from tqdm.auto import tqdm
-
     rng = np.random.default_rng(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    model.train()
-    steps = epochs * -(-len(lines) // batch_size)
-    with tqdm(total=steps, desc="pretraining the kit infiller", unit="step") as bar:
-        for _ in range(epochs):
-            order = rng.permutation(len(lines))
-            for start in range(0, len(order), batch_size):
-                pairs = [_mask_words(lines[i], rng, mask_ratio) for i in order[start:start + batch_size]]
-                batch = tok([p[0] for p in pairs], text_target=[_fill_target(p[1]) for p in pairs],
-                            return_tensors="pt", padding=True)
-                batch["labels"][batch["labels"] == tok.pad_token_id] = -100
-                model(**batch).loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad()
-                bar.update()
-    model.eval()
+
+    def batches() -> Iterator[dict[str, Any]]:
+        order = rng.permutation(len(lines))
+        for start in range(0, len(order), batch_size):
+            pairs = [_mask_words(lines[i], rng, mask_ratio) for i in order[start:start + batch_size]]
+            batch = tok([p[0] for p in pairs], text_target=[_fill_target(p[1]) for p in pairs],
+                        return_tensors="pt", padding=True)
+            batch["labels"][batch["labels"] == tok.pad_token_id] = -100
+            yield batch
+
+    _fit(model, batches, epochs=epochs, steps_per_epoch=-(-len(lines) // batch_size), learning_rate=learning_rate,
+         desc="pretraining the kit infiller")
 
 
 @torch.no_grad()
