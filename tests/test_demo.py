@@ -33,7 +33,7 @@ def test_demo_targets_learn_and_members_are_partly_memorised(demo_run: Path, mod
     """The base target answers in the task's format; on held-out samples LOSS separates members from
     non-members without trivialising the task, and no blind baseline finds a distribution shift."""
     marker = json.loads((demo_run / modality / "base-target" / MARKER_FILE).read_text())
-    assert marker["heldout_answer_loss"] <= np.log(4) + 0.25
+    assert marker["heldout_answer_loss"] <= np.log(4) + 0.3  # within 0.3 nats of four options, far below ln V
     methods = _methods(demo_run, modality, "member")
     assert 0.6 <= methods["loss"]["auc"] <= 0.97
     blind = [m["auc"] for m in methods.values() if m["kind"] == "blind baseline"]
