@@ -131,6 +131,37 @@ def _infer_config(train: Any, config: FiMMIAConfig | dict | None) -> FiMMIAConfi
     return cfg
 
 
+def _store_template(cfg: FiMMIAConfig, train: Any) -> None:
+    """With ``protect_template`` in ``neighbor_kwargs`` (and no ``template``), store the template lines of the
+    training split there, found by the neighbour stage's rule (its share and truncation), so the pipeline
+    protects the same lines in every call: found from the call's samples instead, a sample scored alone would
+    have none. From the training split because the scored table does not keep the stage's survey; at a share
+    of 0.5 a random part of the data finds the same lines as the whole."""
+    from .columns import DS_NAME, INPUT, SAMPLE_ID
+    from .neighbors.generator import DEFAULT_MAX_TEXT_LEN
+    from .neighbors.template import template_lines, template_share
+    from .neighbors.words import truncate_tail
+
+    kwargs = cfg.neighbor_kwargs or {}
+    share = template_share(kwargs.get("protect_template", False))
+    if share is None or kwargs.get("template") is not None:
+        return
+    column = kwargs.get("column", INPUT)
+    if column not in train.column_names:
+        raise ValueError(
+            f"neighbor_kwargs asks for protect_template but the training data has no {column!r} column to find "
+            f"the template lines in (columns: {', '.join(train.column_names)}); give them as "
+            f"neighbor_kwargs['template'] = {{ds_name: [line, ...]}}"
+        )
+    names = train.column_names
+    ids = train[SAMPLE_ID] if SAMPLE_ID in names else range(len(train))
+    rows = list({sid: i for i, sid in enumerate(ids)}.values())  # one per sample (paired data holds two)
+    texts, groups = train[column], train[DS_NAME] if DS_NAME in names else [""] * len(train)
+    max_len = kwargs.get("max_text_len", DEFAULT_MAX_TEXT_LEN)
+    found = template_lines([truncate_tail(texts[i] or "", max_len) for i in rows], [groups[i] for i in rows], share)
+    cfg.neighbor_kwargs = {**kwargs, "template": {group: sorted(lines) for group, lines in found.items()}}
+
+
 def _data_summary(ds: Any) -> dict[str, Any]:
     labels = np.asarray(ds["label"])
     counts = _neighbor_counts(ds)
@@ -340,6 +371,7 @@ def train_detector(
     if set(train["label"]) != {0, 1}:
         raise ValueError("training data must contain members (label 1) and non-members (label 0)")
     cfg = _infer_config(train, config)
+    _store_template(cfg, train)
     if cfg.uses_loss and cfg.loss_norm in ("std", "minmax"):
         cfg.set_normalization(fit_normalization(train))
     summary = {

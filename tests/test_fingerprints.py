@@ -42,7 +42,8 @@ CASES = {
         {
             "model": "org/other-t5", "tokenizer": "org/tokenizer", "revision": "v2", "num_neighbors": 5,
             "ops": ("delete", "swap"), "mask_ratio": 0.2, "min_masks": 2, "max_masks": 10, "max_text_len": 100,
-            "seed": 1, "protected": [r"\d+"], "protect_template": True, "media_perturbation": MediaPerturbation(max_rotation=10.0),
+            "seed": 1, "protected": [r"\d+"], "protect_template": True, "template": {"a": ["Answer with a letter."]},
+            "media_perturbation": MediaPerturbation(max_rotation=10.0),
             "infill_style": "mlm", "prefix": "fill: ", "sentinel": "<M{i}>", "eos_token": "</s>",
             "dtype": "bfloat16", "column": "answer",
         },

@@ -107,3 +107,64 @@ def test_cli_protects_the_template(tmp_path):
     assert run_neighbors(args) == 0
     out = datasets.load_from_disk(str(tmp_path / "out"))
     assert all(n.startswith(f"{PREAMBLE}\n<image>\n") and n.endswith(CLOSING) for r in out for n in r["neighbors"])
+
+
+def test_given_template_protects_exactly_those_lines_even_alone(tmp_path):
+    ds = task(QUESTIONS[0])  # one sample: the share rule finds no template in it
+    gen = NeighborGenerator(ops=("delete", "swap"), num_neighbors=8, min_masks=3, template={"ruclevr": [CLOSING]})
+    out = gen.apply(ds, cache_dir=tmp_path)[0]["neighbors"]
+    assert all(n.endswith("\n" + CLOSING) for n in out)  # the given line, in every neighbour
+    assert any(not n.startswith(PREAMBLE) for n in out)  # a line not given is perturbed
+    found = NeighborGenerator(ops=("delete", "swap"), num_neighbors=8, min_masks=3, protect_template=True)
+    assert any(CLOSING not in n for n in found.apply(ds, cache_dir=tmp_path)[0]["neighbors"])
+    other = gen.apply(task(QUESTIONS[0], ds_name="other"), cache_dir=tmp_path)[0]["neighbors"]
+    assert any(CLOSING not in n for n in other)  # a ds_name the template does not list has no template line
+
+
+def test_given_template_is_checked():
+    assert NeighborGenerator(ops=("swap",), template={"a": ("y", "x", "y")}).template == {"a": ("x", "y")}
+    for bad in ({"a": "one line"}, {"a": [" padded "]}, {"a": ["two\nlines"]}, {"a": [""]}, ["x"]):
+        with pytest.raises(ValueError, match="template"):
+            NeighborGenerator(ops=("swap",), template=bad)
+
+
+@pytest.fixture(scope="module")
+def template_detector(tiny_model, tmp_path_factory) -> str:
+    """A loss-only detector trained (one epoch) on a table of two tasks, with protect_template."""
+    from fimmia_hf import train_detector
+    from fimmia_hf.testing import synthetic_features
+
+    table = synthetic_features(n=16, k=4, ds_names=2)
+    texts = [f"{PREAMBLE}\nQuestion {i}: {QUESTIONS[i % 4]}\n{CLOSING}" for i in range(len(table))]
+    table = table.remove_columns("input").add_column("input", texts)
+    out = tmp_path_factory.mktemp("template-detector")
+    config = {"head": "loss_only", "projection_dim": 8, "hidden_sizes": [8], "modality": "text",
+              "target_model": tiny_model("text-lm"), "neighbor_kwargs": {"ops": ["delete", "swap"], "protect_template": 0.5}}
+    train_detector(table, config=config, output_dir=out, num_train_epochs=1, save_strategy="no", logging_steps=100)
+    return str(out)
+
+
+def test_trained_detector_stores_its_template_lines(template_detector):
+    import json
+    from pathlib import Path
+
+    from fimmia_hf import FiMMIAConfig
+
+    stored = json.loads((Path(template_detector) / "config.json").read_text())["neighbor_kwargs"]["template"]
+    assert stored == {"synthetic_a": sorted([PREAMBLE, CLOSING]), "synthetic_b": sorted([PREAMBLE, CLOSING])}
+    assert FiMMIAConfig.from_pretrained(template_detector).neighbor_kwargs["template"] == stored  # lists, kept
+
+
+def test_pipeline_scores_a_sample_the_same_alone_and_with_its_task(template_detector):
+    from transformers import pipeline
+
+    with pytest.warns(UserWarning, match="no decision threshold"):  # trained without a validation split
+        pipe = pipeline("membership-inference", model=template_detector, device="cpu")
+    rows = [{"input": f"{PREAMBLE}\n{q}\n{CLOSING}", "answer": "A", "ds_name": "synthetic_a"} for q in QUESTIONS[:3]]
+    alone = pipe(rows[0], return_features=True)
+    together = pipe(rows, return_features=True)
+    assert alone["score"] == pytest.approx(together[0]["score"], abs=1e-6)
+    assert alone["features"]["neighbors"] == together[0]["features"]["neighbors"]
+    for neighbor in alone["features"]["neighbors"]:
+        first, question, last = neighbor.split("\n")
+        assert (first, last) == (PREAMBLE, CLOSING) and question != QUESTIONS[0]

@@ -6,8 +6,9 @@ other, and with media perturbation writes one seeded, perturbed media file per n
 stage's cache folder (`perturb_media`). A text too short for K neighbours gets fewer, and says so in
 `num_neighbors` (never padded with copies); truncation to `max_text_len` only changes the generated
 rows (the `input` column of the output, flagged by `input_truncated`), never the user's file. With
-`protect_template`, the lines most samples of a `ds_name` share (`template`) are found at `apply` time
-(`survey`) and protected in every neighbour.
+`protect_template`, the lines most samples of a `ds_name` share are found at `apply` time (`survey`) and
+protected in every neighbour; with `template`, the given lines are (a detector stores the lines its training
+data had, so that a sample's neighbours do not depend on the other samples of the call).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from ..stage import Stage, StageContext, media_digest, resolve_device
 from .infill import INFILL_STYLES, Infiller, load_infiller
 from .operations import OPS, derive_seed, edit, fill_request, mask_count
 from .perturb_media import MediaPerturbation, write_perturbed
-from .template import line_patterns, lines_of, template_lines, template_share
+from .template import given_template, line_patterns, lines_of, template_lines, template_share
 from .words import DEFAULT_PROTECTED, Words, truncate_tail
 
+DEFAULT_MAX_TEXT_LEN = 4000  # characters kept of a longer prompt (its end)
 _FILL_ROUNDS = 3  # fill rounds: later ones retry samples whose fills collided with other neighbours
 
 
@@ -79,7 +81,10 @@ class NeighborGenerator(Stage):
             same `ds_name` (and at least two) contain (`True` = 0.5; see `neighbors.template`); `mask_ratio`
             then counts only the words outside them. A sample the template leaves no word to change is
             perturbed as without it (one warning counts them). A sample's neighbours then depend on the other
-            samples of its `ds_name` in the dataset.
+            samples of its `ds_name` in the dataset; `template` fixes them.
+        template: the template lines per `ds_name`, given instead of found (each line as `template.lines_of`
+            yields it: stripped, non-empty, no newline); it implies protection, `protect_template`'s share is
+            then unused. A sample whose `ds_name` is not in it has no template line.
         media_perturbation: also write one perturbed media file per neighbour (`media_neighbors`);
             `True` uses `MediaPerturbation()`, or pass a `MediaPerturbation` to set strengths.
         model_batch_size: sequences per `generate` (or masked-LM forward) call.
@@ -92,7 +97,7 @@ class NeighborGenerator(Stage):
     version: ClassVar[str] = "3"  # 3: draws seeded by the sample's content, not its sample_id
     settings: ClassVar[tuple[str, ...]] = (
         "ops", "num_neighbors", "mask_ratio", "min_masks", "max_masks", "max_text_len", "seed", "patterns",
-        "template_share", "media", "infill_style", "infill_overrides", "dtype", "column",
+        "template_share", "template", "media", "infill_style", "infill_overrides", "dtype", "column",
     )
     model_references: ClassVar[tuple[str, ...]] = ("model", "tokenizer")
     map_batch_size: ClassVar[int] = 16
@@ -106,10 +111,11 @@ class NeighborGenerator(Stage):
         mask_ratio: float = 0.1,
         min_masks: int = 5,
         max_masks: int = 40,
-        max_text_len: int = 4000,
+        max_text_len: int = DEFAULT_MAX_TEXT_LEN,
         seed: int = 0,
         protected: Iterable[str | re.Pattern] | None = None,
         protect_template: bool | float = False,
+        template: Mapping[str, Sequence[str]] | None = None,
         media_perturbation: bool | MediaPerturbation = False,
         model_batch_size: int = 16,
         infill_style: str = "auto",
@@ -144,7 +150,9 @@ class NeighborGenerator(Stage):
         self.patterns = [
             p if isinstance(p, re.Pattern) else re.compile(p) for p in (*DEFAULT_PROTECTED, *(protected or ()))
         ]
-        self.template_share = template_share(protect_template)
+        share = template_share(protect_template)  # checked even where `template` makes it unused
+        self.template = given_template(template)
+        self.template_share = share if self.template is None else None
         if media_perturbation is True:
             media_perturbation = MediaPerturbation()
         self.media: MediaPerturbation | None = media_perturbation or None
@@ -173,13 +181,17 @@ class NeighborGenerator(Stage):
             warnings.warn("media_perturbation is on but the samples have no image/audio/video column", stacklevel=3)
 
     def survey(self, ds: datasets.Dataset) -> Mapping[str, Any]:
-        """The template lines per `ds_name` (with `protect_template`), from the texts as `process` sees them."""
-        if self.template_share is None:
+        """The template lines per `ds_name`: the given ones, or (with `protect_template`) those found in the texts
+        as `process` sees them."""
+        if self.template is None and self.template_share is None:
             return {}
         texts = [truncate_tail(t, self.max_text_len) for t in ds[self.column]]
         groups = ds[DS_NAME] if DS_NAME in ds.column_names else [""] * len(texts)
-        template = template_lines(texts, groups, self.template_share)
-        unprotected = sum(self._parse(t, template[g])[1] for t, g in zip(texts, groups))
+        if self.template is None:
+            template = template_lines(texts, groups, self.template_share)
+        else:
+            template = {group: frozenset(lines) for group, lines in self.template.items()}
+        unprotected = sum(self._parse(t, template.get(g, frozenset()))[1] for t, g in zip(texts, groups))
         if unprotected:
             warnings.warn(
                 f"{unprotected} sample(s) have no word to change outside their template lines (the lines most "
