@@ -810,12 +810,14 @@ def make_synthetic_samples(
     seed: int = 0,
     language: str = "ru",
     member_shift: dict | None = None,
+    member_fraction: float = 0.5,
 ) -> str:
     """Write ``samples.csv`` (+ ``media/``) of MERA-style multiple-choice samples; return the csv path.
 
     Columns: ``input``, ``answer`` (the correct letter), ``ds_name``, the media column (``image`` |
-    ``audio`` | ``video``, relative paths; none for ``"text"``) and ``label`` (balanced 0/1). The media
-    really determines the answer (shape/colour of a drawn figure, number of beeps, direction of motion).
+    ``audio`` | ``video``, relative paths; none for ``"text"``) and ``label`` (1 on ``member_fraction`` of the
+    rows, rounded, in random order). The media really determines the answer (shape/colour of a drawn figure,
+    number of beeps, direction of motion).
     ``member_shift`` injects a model-free cue into label-1 rows, for testing the blind baselines:
     ``{"brightness": 0.3}`` (images and video frames brighter), ``{"loudness": 2.0}`` (audio louder),
     ``{"year": True}`` (prompts mention a later year).
@@ -828,6 +830,8 @@ def make_synthetic_samples(
         raise ValueError(f"unknown language {language!r}; expected 'ru' or 'en'")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if not 0 <= member_fraction <= 1:
+        raise ValueError(f"member_fraction must be in [0, 1], got {member_fraction}")
     shift = _check_shift(member_shift)
     out = Path(out_dir)
     media_dir = out / "media"
@@ -836,7 +840,7 @@ def make_synthetic_samples(
     else:
         out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(n) % 2)
+    labels = rng.permutation(np.arange(n) < round(n * member_fraction)).astype(int)
     ext = {"image": "png", "audio": "wav", "video": "mp4"}.get(modality)
     rows = []
     try:

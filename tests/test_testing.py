@@ -206,6 +206,17 @@ def _read_table(csv: str, modality: str) -> pd.DataFrame:
     return df
 
 
+def test_synthetic_member_fraction_sets_how_many_rows_are_members(tmp_path: Path) -> None:
+    """The demo's recipe fine-tunes on a quarter of the samples: the labels say exactly which, and the samples
+    themselves are those of the balanced draw (only the labels differ)."""
+    quarter = pd.read_csv(make_synthetic_samples(tmp_path / "q", modality="text", n=10, seed=2, member_fraction=0.25))
+    half = pd.read_csv(make_synthetic_samples(tmp_path / "h", modality="text", n=10, seed=2))
+    assert quarter["label"].sum() == 2 and half["label"].sum() == 5  # round(2.5) == 2
+    assert quarter["input"].tolist() == half["input"].tolist()
+    with pytest.raises(ValueError, match="member_fraction must be in"):
+        make_synthetic_samples(tmp_path / "x", modality="text", n=4, member_fraction=1.5)
+
+
 def test_synthetic_images_answer_from_pixels(tmp_path: Path) -> None:
     csv = make_synthetic_samples(tmp_path, modality="image", n=12, seed=1)
     df = _read_table(csv, "image")
