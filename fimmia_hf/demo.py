@@ -2,8 +2,8 @@
 
 For each modality: the kit's pretrained-like target (`fimmia_hf.testing.build_target`: a tiny model
 trained as a language model on a disjoint pool, so it answers in the task's format) is the *base*
-model; SFT-LoRA on the member half (`fimmia_hf.finetune`, the product path) gives the fine-tuned target,
-which memorises part of its members. Neighbours, embeddings and the losses of both targets follow;
+model; SFT-LoRA on the members (48 of 128 samples; `fimmia_hf.finetune`, the product path) gives the fine-tuned
+target, which memorises part of its members. Neighbours, embeddings and the losses of both targets follow;
 detectors (FiMMIA, its loss-only / embedding-only ablations) are trained on a training split by sample
 and evaluated on the held-out samples beside every classic attack and the blind baselines, under both
 protocols:
@@ -24,9 +24,11 @@ from typing import Any, ClassVar
 import numpy as np
 from transformers.hf_argparser import HfArg
 
+from .recipe import MEMBER_EPOCHS, MEMBER_FRACTION
+
 MODALITIES = ("image", "audio", "video")
-PAIRED_NOTE = ("No blind baselines: both rows of a sample share their inputs (base vs fine-tuned target), so a "
-               "model that sees only the inputs is at chance by construction.")
+PAIRED_NOTE = ("No blind baselines and no embedding-only head: both rows of a sample share their inputs (base vs "
+               "fine-tuned target), so a model that sees only the inputs is at chance by construction.")
 
 
 def _step(message: str) -> None:
@@ -50,20 +52,22 @@ def _dataset_verdict(test: Any, scores: np.ndarray, seed: int) -> dict[str, Any]
     }
 
 
-def run_modality(modality: str, out: Path, *, n: int, k: int, seed: int, epochs: int, models: dict[str, str]) -> dict[str, Any]:
+def run_modality(modality: str, out: Path, *, n: int, k: int, seed: int, epochs: int, models: dict[str, str],
+                 member_fraction: float) -> dict[str, Any]:
     """Every stage for one modality; returns the two protocols' reports and the dataset-level verdict."""
     from . import split_samples
     from .features import paired_dataset
-    from .recipe import detector_config, detector_scores, scored_tables
+    from .recipe import HEADS, detector_config, detector_scores, scored_tables
     from .report import build_report
 
     data = out / modality
-    tables = scored_tables(modality, data, n=n, k=k, seed=seed, epochs=epochs, models=models, progress=_step)
+    tables = scored_tables(modality, data, n=n, k=k, seed=seed, epochs=epochs, models=models,
+                           member_fraction=member_fraction, progress=_step)
     base_scored, ft_scored = tables["base_scored"], tables["finetuned_scored"]
     base_scored.save_to_disk(str(data / "scored-base"))  # kept for `fimmia-hf train/evaluate/attribute/audit`
     ft_scored.save_to_disk(str(data / "scored-finetuned"))
 
-    config = detector_config(modality, tables, models, seed=seed)
+    config = detector_config(modality, tables, models)
     protocols = {
         "member / non-member": ft_scored,
         "paired": paired_dataset(
@@ -76,8 +80,9 @@ def run_modality(modality: str, out: Path, *, n: int, k: int, seed: int, epochs:
         slug = "member" if protocol.startswith("member") else "paired"
         train, test = split_samples(table, test_size=0.5, seed=seed)
         _step(f"{modality} / {protocol}: detectors on {len(train)} training rows, report on {len(test)} held-out rows")
-        scores = detector_scores(train, test, data / f"detector-{slug}",
-                                 {**config, "protocol": slug}, seed=seed)
+        heads = HEADS if slug == "member" else {name: h for name, h in HEADS.items() if h != "embedding_only"}
+        scores = detector_scores(train, test, data / f"detector-{slug}", {**config, "protocol": slug}, seed=seed,
+                                 heads=heads)
         paired = {} if slug == "paired" else None  # {}: no blind baselines, None: run them
         results[protocol] = build_report(
             test, train=train, out_dir=out / "reports" / f"{modality}-{slug}", detector_scores=scores,
@@ -132,7 +137,7 @@ def _markdown_table(rows: list[dict[str, str]]) -> str:
 
 def demo(
     out_dir: str | Path = "demo_output", *, modalities: tuple[str, ...] = MODALITIES, n: int = 128, k: int = 8,
-    epochs: int = 15, seed: int = 0,
+    epochs: int = MEMBER_EPOCHS, member_fraction: float = MEMBER_FRACTION, seed: int = 0,
 ) -> dict[str, Any]:
     """Run the demo into `out_dir`; returns the summary (also written to `summary.md` / `summary.json`)."""
     import datasets
@@ -150,7 +155,8 @@ def demo(
 
     reports, held_out, verdicts = {}, {}, {}
     for modality in modalities:
-        results = run_modality(modality, out, n=n, k=k, seed=seed, epochs=epochs, models=models)
+        results = run_modality(modality, out, n=n, k=k, seed=seed, epochs=epochs, models=models,
+                               member_fraction=member_fraction)
         held_out[modality] = results.pop("_member_test")
         verdicts[modality] = results.pop("_dataset")
         for protocol, report in results.items():
@@ -179,8 +185,8 @@ def demo(
     minutes = (time.perf_counter() - started) / 60
     table = _markdown_table(rows)
     (out / "summary.md").write_text(
-        f"# fimmia-hf demo summary\n\n{n} samples per modality (half members), K = {k}, held-out half; "
-        f"AUC and TPR@1%FPR with 95 % bootstrap intervals. {minutes:.1f} minutes.\n\n{table}\n"
+        f"# fimmia-hf demo summary\n\n{n} samples per modality, {round(n * member_fraction)} of them members, K = {k}, "
+        f"held-out half; AUC and TPR@1%FPR with 95 % bootstrap intervals. {minutes:.1f} minutes.\n\n{table}\n"
     )
     summary = {"rows": rows, "minutes": minutes, "dataset_inference": verdicts,
                "reports": {f"{m}-{p}": r["title"] for (m, p), r in reports.items()}}
@@ -204,13 +210,14 @@ class DemoArguments:
     out: str = HfArg(default="demo_output", help="folder for data, models, reports and the summary")
     modalities: list[str] = HfArg(default_factory=lambda: list(MODALITIES), metadata={"choices": MODALITIES},
                                   help="modalities to run")
-    samples: int = HfArg(default=128, help="samples per modality (half of them members)")
-    epochs: int = HfArg(default=15, help="SFT-LoRA epochs on the members")
+    samples: int = HfArg(default=128, help="samples per modality")
+    member_fraction: float = HfArg(default=MEMBER_FRACTION, help="share of the samples the target is fine-tuned on")
+    epochs: int = HfArg(default=MEMBER_EPOCHS, help="SFT-LoRA epochs on the members")
     num_neighbors: int = HfArg(default=8, help="K neighbours per sample")
     seed: int = HfArg(default=0, help="seed of the data, the models and every stage")
 
 
 def run_demo(args: DemoArguments) -> int:
     demo(args.out, modalities=tuple(args.modalities), n=args.samples, k=args.num_neighbors, epochs=args.epochs,
-         seed=args.seed)
+         member_fraction=args.member_fraction, seed=args.seed)
     return 0

@@ -4,8 +4,8 @@ The demo and the attack-quality benchmark run the same recipe, so what the READM
 benchmark measures. For one modality:
 1. the base target is the kit's pretrained-like model (`fimmia_hf.testing.build_target`: trained as a
    language model on a disjoint pool, so it answers in the task's format);
-2. SFT-LoRA on the member half (`fimmia_hf.finetune`, the product path) gives the fine-tuned target,
-   which memorises part of its members;
+2. SFT-LoRA on the members (`fimmia_hf.finetune`, the product path; `MEMBER_FRACTION` of the samples) gives
+   the fine-tuned target, which memorises part of its members;
 3. neighbours (the kit's trained T5 infiller), text and media embeddings, and the losses of both
    targets (`NeighborGenerator`, `TextEmbedder`, `ModalityEmbedder`, `TargetScorer`);
 4. detectors of every head trained on a training split by sample, scored on the held-out split.
@@ -19,9 +19,13 @@ from typing import Any
 import numpy as np
 
 MEDIA_ENCODER_KIND = {"image": "image-encoder", "video": "image-encoder", "audio": "audio-encoder"}
-# SFT-LoRA of the members: every projection of the language model, rank 16. On the kit's targets this is
-# partial memorisation: members' answer loss falls by ~0.05-0.1 nats, non-members' rises a little (LOSS AUC
-# ~0.6); longer schedules, higher rates or smaller batches did not raise it.
+# SFT-LoRA of the members: every projection of the language model, rank 16, at 3e-3. Members are memorised
+# after 25-40 passes, whether 32 or 64 of them share the adapter (LOSS AUC at 15 / 40 epochs, one seed: image
+# 0.69 / 0.86, video 0.67 / 0.73 with 64 members; 0.76 / 0.87 and 0.69 / 0.76 with 32); a rate of 1e-2 or
+# batches of 4 memorised less, and with 128 members of 256 no schedule passed 0.63. Fewer members make each
+# epoch cheaper, more members make the held-out intervals narrower: 48 of the demo's 128 samples, 40 epochs.
+MEMBER_FRACTION = 0.375
+MEMBER_EPOCHS = 40
 MEMBER_LORA = {
     "r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -48,16 +52,19 @@ def component_models(out: str | Path, modalities: tuple[str, ...], *, seed: int 
 
 
 def scored_tables(
-    modality: str, out: str | Path, *, n: int, k: int, seed: int, epochs: int, models: dict[str, str],
-    base: str | None = None, progress: Any = print,
+    modality: str, out: str | Path, *, n: int, k: int, seed: int, models: dict[str, str],
+    epochs: int = MEMBER_EPOCHS, member_fraction: float = MEMBER_FRACTION, base: str | None = None,
+    neighbor_kwargs: dict[str, Any] | None = None, progress: Any = print,
 ) -> dict[str, Any]:
-    """Steps 1-3 for `n` fresh synthetic samples (half members): returns the base and fine-tuned targets and
-    the samples scored by each (`base_scored`, `finetuned_scored`, same rows and neighbours)."""
+    """Steps 1-3 for `n` fresh synthetic samples (`member_fraction` of them members): returns the base and
+    fine-tuned targets and the samples scored by each (`base_scored`, `finetuned_scored`, same rows and
+    neighbours). `neighbor_kwargs` go to `NeighborGenerator` (e.g. `protect_template`)."""
     from . import ModalityEmbedder, NeighborGenerator, TargetScorer, TextEmbedder, finetune, load_samples
     from .testing import build_target, make_synthetic_samples
 
     out = Path(out)
-    samples = load_samples(make_synthetic_samples(out / "samples", modality=modality, n=n, seed=seed))
+    samples = load_samples(make_synthetic_samples(out / "samples", modality=modality, n=n, seed=seed,
+                                                  member_fraction=member_fraction))
     members = samples.filter(lambda row: row["label"] == 1)
     progress(f"{modality}: the kit's pretrained-like base target (built once, then cached)")
     base = base or build_target(modality, out / "base-target", seed=seed)
@@ -68,20 +75,21 @@ def scored_tables(
         activation_checkpointing=False, seed=seed,
     )
     progress(f"{modality}: neighbours, embeddings and losses of {n} samples (K = {k})")
-    ds = NeighborGenerator(models["infiller"], num_neighbors=k, seed=seed).apply(samples)
+    neighbor_kwargs = {"seed": seed, **(neighbor_kwargs or {})}
+    ds = NeighborGenerator(models["infiller"], num_neighbors=k, **neighbor_kwargs).apply(samples)
     ds = TextEmbedder(models["text-encoder"]).apply(ds)
     if modality in MEDIA_ENCODER_KIND:
         ds = ModalityEmbedder(models[MEDIA_ENCODER_KIND[modality]], modality=modality).apply(ds)
     return {
-        "base": base, "finetuned": finetuned,
+        "base": base, "finetuned": finetuned, "neighbor_kwargs": neighbor_kwargs,
         "base_scored": TargetScorer(base).apply(ds), "finetuned_scored": TargetScorer(finetuned).apply(ds),
     }
 
 
-def detector_config(modality: str, tables: dict[str, Any], models: dict[str, str], *, seed: int) -> dict[str, Any]:
+def detector_config(modality: str, tables: dict[str, Any], models: dict[str, str]) -> dict[str, Any]:
     """The detector config of the recipe: the fine-tuned target and the component models that made the features."""
     config = {"modality": modality, "target_model": tables["finetuned"], "neighbor_model": models["infiller"],
-              "embedding_model": models["text-encoder"], "neighbor_kwargs": {"seed": seed}}
+              "embedding_model": models["text-encoder"], "neighbor_kwargs": tables["neighbor_kwargs"]}
     if modality in MEDIA_ENCODER_KIND:
         config["media_embedding_model"] = models[MEDIA_ENCODER_KIND[modality]]
     return config

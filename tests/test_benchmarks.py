@@ -61,19 +61,36 @@ def test_bench_runs_a_registered_benchmark_by_name(monkeypatch, tmp_path, capsys
     assert "unknown benchmark(s) ['nope']; choose from toy, other" in capsys.readouterr().err
 
 
+def test_bench_passes_neighbor_settings_to_the_benchmarks_that_take_them(monkeypatch, tmp_path) -> None:
+    """`--neighbor-kwargs` reaches a benchmark with that parameter (as `attack` has); the others run as before."""
+    taking = types.ModuleType("fimmia_hf.benchmarks.taking")
+    taking.benchmark = lambda n_samples=3, neighbor_kwargs=None: {"neighbor_kwargs": neighbor_kwargs}
+    plain = types.ModuleType("fimmia_hf.benchmarks.plain")
+    plain.benchmark = lambda n_samples=3: {"n_samples": n_samples}
+    for module in (taking, plain):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr("fimmia_hf.benchmarks.runner.BENCHMARKS", ("taking", "plain"))
+
+    out = tmp_path / "both.json"
+    assert main(["bench", "--neighbor-kwargs", '{"protect_template": true}', "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"taking": {"neighbor_kwargs": {"protect_template": True}},
+                                          "plain": {"n_samples": 3}}
+    assert main(["bench", "--neighbor-kwargs", "[1]"]) == 2  # not a JSON object: refused in one line
+
+
 @pytest.mark.slow
 def test_attack_benchmark_reports_every_method_over_seeds(tmp_path):
     """`bench attack` on a small run: every head, classic attack and blind baseline with mean and std over
     seeds, the dataset-level test at each size that fits, and the table printed from those figures."""
     from fimmia_hf.benchmarks.attack import benchmark, format_table
 
-    figures = benchmark(n_samples=64, seeds=2, modalities=("text",), epochs=2, workdir=tmp_path)
+    figures = benchmark(n_samples=96, seeds=2, modalities=("text",), epochs=2, workdir=tmp_path)
     text = figures["modalities"]["text"]
     methods = text["methods"]
     assert {"FiMMIA combined", "FiMMIA", "FiMMIA loss-only", "loss", "min_k_pp_20"} <= methods.keys()
     assert any(m["kind"] == "blind baseline" for m in methods.values())
     assert all(0 <= m["auc_mean"] <= 1 and m["auc_std"] >= 0 for m in methods.values())
     assert methods["loss"]["auc_std"] > 0  # two seeds, two different targets and splits
-    assert list(text["dataset_inference"]) == ["32"]  # 32 members and 32 non-members of cross-fitted scores
+    assert list(text["dataset_inference"]) == ["32"]  # 36 members and 60 non-members of cross-fitted scores
     assert 0 < text["dataset_inference"]["32"]["p_median"] <= 1
     assert text["best_classic_attack"] in methods and "FiMMIA combined" in format_table(figures)

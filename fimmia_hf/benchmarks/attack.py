@@ -1,12 +1,13 @@
 """`fimmia-hf bench --benchmarks attack [--seeds 3] [--out FILE]`: how well each detector finds members, over seeds.
 
 The demo's recipe (`fimmia_hf.recipe`) per modality and seed: a pretrained-like base target, SFT-LoRA on
-the member half, every stage, then every FiMMIA head trained on one half of the samples (split by sample)
+its members (`recipe.MEMBER_FRACTION` of the samples), every stage, then every FiMMIA head trained on one half of the samples (split by sample)
 and evaluated on the other, beside every classic attack and the blind baselines (member / non-member
 protocol). Figures are means and standard deviations over seeds, so a difference between two methods can
 be read against its spread. The dataset-level test is run on cross-fitted scores of the combined head
 (each half scored by the head trained on the other), on random draws of n members and n non-members,
-and on two disjoint draws of non-members as its null.
+and on two disjoint draws of non-members as its null. `neighbor_kwargs` (e.g. `{"protect_template": True}`)
+compare neighbour settings on the same targets and splits.
 """
 
 from __future__ import annotations
@@ -27,27 +28,29 @@ SUMMARISED = ("auc", "tpr@1%fpr")
 
 def benchmark(
     n_samples: int = 128, *, seeds: int = 3, modalities: tuple[str, ...] = MODALITIES, k: int = 8,
-    epochs: int = 15, workdir: str | Path | None = None,
+    epochs: int | None = None, neighbor_kwargs: dict[str, Any] | None = None, workdir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Every modality's figures: `{"modalities": {m: {"methods": ..., "dataset_inference": ...}}}`."""
     import datasets
 
-    from ..recipe import component_models
+    from ..recipe import MEMBER_EPOCHS, MEMBER_FRACTION, component_models
 
+    epochs = epochs or MEMBER_EPOCHS
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory(prefix="fimmia-bench-attack-") as tmp:
         root = Path(workdir or tmp)
         models = component_models(root / "models", modalities)
-        runs = {m: [_one_run(m, root / m / f"seed-{s}", n=n_samples, k=k, seed=s, epochs=epochs, models=models)
-                    for s in range(seeds)] for m in modalities}
+        runs = {m: [_one_run(m, root / m / f"seed-{s}", n=n_samples, k=k, seed=s, epochs=epochs, models=models,
+                             neighbor_kwargs=neighbor_kwargs) for s in range(seeds)] for m in modalities}
     return {
-        "samples": n_samples, "seeds": seeds, "neighbors": k, "member_epochs": epochs,
+        "samples": n_samples, "member_fraction": MEMBER_FRACTION, "seeds": seeds, "neighbors": k,
+        "member_epochs": epochs, "neighbor_kwargs": neighbor_kwargs or {},
         "modalities": {m: _summarise(r) for m, r in runs.items()},
     }
 
 
-def _one_run(modality: str, out: Path, *, n: int, k: int, seed: int, epochs: int,
-             models: dict[str, str]) -> dict[str, Any]:
+def _one_run(modality: str, out: Path, *, n: int, k: int, seed: int, epochs: int, models: dict[str, str],
+             neighbor_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     from .. import split_samples
     from ..recipe import detector_config, detector_scores, scored_tables
     from ..report import build_report
@@ -56,8 +59,9 @@ def _one_run(modality: str, out: Path, *, n: int, k: int, seed: int, epochs: int
     def progress(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] seed {seed}: {message}", flush=True)
 
-    tables = scored_tables(modality, out, n=n, k=k, seed=seed, epochs=epochs, models=models, progress=progress)
-    config = detector_config(modality, tables, models, seed=seed)
+    tables = scored_tables(modality, out, n=n, k=k, seed=seed, epochs=epochs, models=models,
+                           neighbor_kwargs=neighbor_kwargs, progress=progress)
+    config = detector_config(modality, tables, models)
     first, second = split_samples(tables["finetuned_scored"], test_size=0.5, seed=seed)
     scores = detector_scores(first, second, out / "detectors", config, seed=seed)
     report = build_report(second, train=first, out_dir=out / "report", detector_scores=scores, modality=modality,
@@ -132,7 +136,9 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(figures: dict[str, Any]) -> str:
     """One line per modality and method (AUC and TPR@1%FPR, mean ± std over seeds), then the dataset-level test."""
-    lines = [f"{figures['seeds']} seeds, {figures['samples']} samples per modality, held-out half",
+    settings = f", neighbours {json.dumps(figures['neighbor_kwargs'])}" if figures.get("neighbor_kwargs") else ""
+    lines = [f"{figures['seeds']} seeds, {figures['samples']} samples per modality "
+             f"({figures['member_fraction']:.0%} members), held-out half{settings}",
              f"{'modality':<8} {'method':<34} {'AUC':>13} {'TPR@1%FPR':>13}"]
     for modality, result in figures["modalities"].items():
         for name, m in result["methods"].items():

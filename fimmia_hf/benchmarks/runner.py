@@ -15,13 +15,15 @@ from . import BENCHMARKS, LONG
 
 
 def run_benchmarks(names: list[str], *, n_samples: int | None = None, seeds: int | None = None,
+                   neighbor_kwargs: dict[str, Any] | None = None,
                    json_path: str | None = None) -> dict[str, dict[str, Any]]:
-    """Each benchmark's figures by name; `n_samples` overrides every benchmark's own default, `seeds` that of
-    the benchmarks that repeat over seeds."""
+    """Each benchmark's figures by name; `n_samples` overrides every benchmark's own default, `seeds` and
+    `neighbor_kwargs` those of the benchmarks that take them."""
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         raise ValueError(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
-    options = {key: value for key, value in {"n_samples": n_samples, "seeds": seeds}.items() if value is not None}
+    given = {"n_samples": n_samples, "seeds": seeds, "neighbor_kwargs": neighbor_kwargs}
+    options = {key: value for key, value in given.items() if value is not None}
     results = {}
     for name in names:
         benchmark = _module(name).benchmark
@@ -63,11 +65,17 @@ class BenchArguments:
     samples: int | None = HfArg(default=None, help="samples per benchmark (default: each one's own; e2e measures "
                                 "memory at N and 4N)")
     seeds: int | None = HfArg(default=None, help="seeds for the benchmarks that repeat over them (attack: default 3)")
+    neighbor_kwargs: str | None = HfArg(default=None, help="attack: NeighborGenerator settings as JSON, e.g. "
+                                        "'{\"protect_template\": true}'")
     out: str | None = HfArg(default=None, help="also write the figures to this JSON file")
 
 
 def run_bench(args: BenchArguments) -> int:
     names = args.benchmarks or [name for name in BENCHMARKS if name not in LONG]
-    results = run_benchmarks(names, n_samples=args.samples, seeds=args.seeds, json_path=args.out)
+    from ..training import json_object
+
+    neighbor_kwargs = json_object(args.neighbor_kwargs, "neighbor-kwargs") if args.neighbor_kwargs else None
+    results = run_benchmarks(names, n_samples=args.samples, seeds=args.seeds, neighbor_kwargs=neighbor_kwargs,
+                             json_path=args.out)
     _print_table(results)
     return 0
