@@ -1,9 +1,9 @@
 """`fimmia-hf bench --benchmarks attack [--seeds 3] [--out FILE]`: how well each detector finds members, over seeds.
 
 The demo's recipe (`fimmia_hf.recipe`) per modality and seed: a pretrained-like base target, SFT-LoRA on
-its members (`recipe.MEMBER_FRACTION` of the samples), every stage, then every FiMMIA head trained on one half of the samples (split by sample)
-and evaluated on the other, beside every classic attack and the blind baselines (member / non-member
-protocol). Figures are means and standard deviations over seeds, so a difference between two methods can
+its members (`recipe.MEMBER_FRACTION` of the samples), every stage, then every FiMMIA head trained on one
+half of the samples (split by sample) and evaluated on the other, beside every classic attack and the blind
+baselines (member / non-member protocol). Figures are means and standard deviations over seeds, so a difference between two methods can
 be read against its spread. The dataset-level test is run on cross-fitted scores of the combined head
 (each half scored by the head trained on the other), on random draws of n members and n non-members,
 and on two disjoint draws of non-members as its null. `neighbor_kwargs` (e.g. `{"protect_template": True}`)

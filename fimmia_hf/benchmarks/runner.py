@@ -71,9 +71,9 @@ class BenchArguments:
 
 
 def run_bench(args: BenchArguments) -> int:
-    names = args.benchmarks or [name for name in BENCHMARKS if name not in LONG]
     from ..training import json_object
 
+    names = args.benchmarks or [name for name in BENCHMARKS if name not in LONG]
     neighbor_kwargs = json_object(args.neighbor_kwargs, "neighbor-kwargs") if args.neighbor_kwargs else None
     results = run_benchmarks(names, n_samples=args.samples, seeds=args.seeds, neighbor_kwargs=neighbor_kwargs,
                              json_path=args.out)
