@@ -10,17 +10,13 @@ protocols:
 - paired: the member samples scored by the base (label 0) and the fine-tuned target (label 1);
 - member / non-member: the fine-tuned target on members vs non-members.
 The image detector is saved with its model card and served by `pipeline("membership-inference")`.
-
-The modalities run side by side, one process each, sharing the CPU cores: the kit's tiny models gain
-a tenth of a step from a second thread, so processes with one thread each do far more work per second
-(the README has the times).
+The modalities run side by side, one process each (`fimmia_hf.recipe.side_by_side`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -100,30 +96,6 @@ def run_modality(modality: str, out: Path, *, n: int, k: int, seed: int, epochs:
     return results
 
 
-def _init_worker(threads: int) -> None:
-    """A modality's process: its share of the cores, and the same quiet logs as the parent's."""
-    import datasets
-    import torch
-
-    torch.set_num_threads(threads)
-    datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-def _run_modalities(modalities: tuple[str, ...], out: Path, jobs: int, **kwargs: Any) -> list[dict[str, Any]]:
-    """`run_modality` for each modality, in `jobs` processes (in this one for 1); results in `modalities` order."""
-    if jobs <= 1:
-        return [run_modality(m, out, **kwargs) for m in modalities]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                             initargs=(threads,)) as pool:
-        futures = [pool.submit(run_modality, m, out, **kwargs) for m in modalities]
-        return [f.result() for f in futures]
-
-
 def _cell(methods: dict[str, Any], name: str | None, key: str = "auc") -> str:
     if name is None:
         return "n/a"
@@ -170,12 +142,12 @@ def demo(
 ) -> dict[str, Any]:
     """Run the demo into `out_dir`; returns the summary (also written to `summary.md` / `summary.json`).
 
-    `jobs` processes run the modalities (default: one per modality; 1 runs them one after the other)."""
+    `jobs` processes run the modalities (`side_by_side`'s default: one per modality on 2 cores and more)."""
     import datasets
     from transformers import pipeline
 
     from .hub import render_model_card
-    from .recipe import component_models
+    from .recipe import component_models, side_by_side
 
     started = time.perf_counter()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from trl/peft internals
@@ -184,11 +156,9 @@ def demo(
     _step("the kit's component models: a trained T5 infiller, text and media encoders (built once, then cached)")
     models = component_models(out / "models", modalities, seed=seed)
 
-    jobs = len(modalities) if jobs is None else jobs
-    if jobs > 1:
-        _step(f"{', '.join(modalities)} in {jobs} processes (their steps interleave below)")
-    runs = _run_modalities(modalities, out, jobs, n=n, k=k, seed=seed, epochs=epochs, models=models,
-                           member_fraction=member_fraction)
+    _step(f"{', '.join(modalities)}, side by side (their steps interleave below)")
+    runs = side_by_side(run_modality, [dict(modality=m, out=out, n=n, k=k, seed=seed, epochs=epochs, models=models,
+                                            member_fraction=member_fraction) for m in modalities], jobs=jobs)
     reports, held_out, verdicts = {}, {}, {}
     for modality, results in zip(modalities, runs):
         held_out[modality] = results.pop("_member_test")
@@ -250,7 +220,8 @@ class DemoArguments:
     num_neighbors: int = HfArg(default=8, help="K neighbours per sample")
     seed: int = HfArg(default=0, help="seed of the data, the models and every stage")
     jobs: int | None = HfArg(default=None, help="processes that run the modalities side by side, sharing the "
-                             "CPU cores (default: one per modality; 1: one after the other)")
+                             "CPU cores (default: one per modality, at most one more than the cores; 1: one after "
+                             "the other)")
 
 
 def run_demo(args: DemoArguments) -> int:

@@ -13,6 +13,8 @@ benchmark measures. For one modality:
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +112,37 @@ def detector_scores(
         )
         scores[name] = np.asarray(predict(model, test, progress=False)["score"])
     return scores
+
+
+def _init_process(threads: int) -> None:
+    """A side-by-side process: its share of the cores, and the parent's quiet logs."""
+    import warnings
+
+    import datasets
+    import torch
+
+    torch.set_num_threads(threads)
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def side_by_side(fn: Callable[..., Any], calls: Sequence[dict[str, Any]], *, jobs: int | None = None) -> list[Any]:
+    """`fn(**kwargs)` for each of `calls` in `jobs` processes that share the CPU cores; the results in order.
+
+    The kit's tiny models gain a tenth of a step from a second thread, so processes of one thread each do
+    far more work per second than one process with every thread (the demo: 7.3 min in 3 processes on 2
+    cores, 11.2 in one). Default: one process per call, at most one more than the cores (the spare keeps
+    the cores busy while another process reads or writes). `jobs=1` runs the calls here, one after the other.
+    """
+    cores = os.cpu_count() or 1
+    jobs = min(len(calls), cores + 1) if jobs is None else jobs
+    if jobs <= 1:
+        return [fn(**kwargs) for kwargs in calls]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # a forked torch can hang on its thread pool
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_process,
+                             initargs=(max(1, cores // jobs),)) as pool:
+        futures = [pool.submit(fn, **kwargs) for kwargs in calls]
+        return [future.result() for future in futures]

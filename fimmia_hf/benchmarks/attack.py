@@ -29,19 +29,23 @@ SUMMARISED = ("auc", "tpr@1%fpr")
 def benchmark(
     n_samples: int = 128, *, seeds: int = 3, modalities: tuple[str, ...] = MODALITIES, k: int = 8,
     epochs: int | None = None, neighbor_kwargs: dict[str, Any] | None = None, workdir: str | Path | None = None,
+    jobs: int | None = None,
 ) -> dict[str, Any]:
-    """Every modality's figures: `{"modalities": {m: {"methods": ..., "dataset_inference": ...}}}`."""
+    """Every modality's figures: `{"modalities": {m: {"methods": ..., "dataset_inference": ...}}}`; the runs (one
+    per modality and seed) go side by side in `jobs` processes (`fimmia_hf.recipe.side_by_side`)."""
     import datasets
 
-    from ..recipe import MEMBER_EPOCHS, MEMBER_FRACTION, component_models
+    from ..recipe import MEMBER_EPOCHS, MEMBER_FRACTION, component_models, side_by_side
 
     epochs = epochs or MEMBER_EPOCHS
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory(prefix="fimmia-bench-attack-") as tmp:
         root = Path(workdir or tmp)
         models = component_models(root / "models", modalities)
-        runs = {m: [_one_run(m, root / m / f"seed-{s}", n=n_samples, k=k, seed=s, epochs=epochs, models=models,
-                             neighbor_kwargs=neighbor_kwargs) for s in range(seeds)] for m in modalities}
+        calls = [dict(modality=m, out=root / m / f"seed-{s}", n=n_samples, k=k, seed=s, epochs=epochs, models=models,
+                      neighbor_kwargs=neighbor_kwargs) for m in modalities for s in range(seeds)]
+        done = side_by_side(_one_run, calls, jobs=jobs)
+        runs = {m: done[i * seeds:(i + 1) * seeds] for i, m in enumerate(modalities)}
     return {
         "samples": n_samples, "member_fraction": MEMBER_FRACTION, "seeds": seeds, "neighbors": k,
         "member_epochs": epochs, "neighbor_kwargs": neighbor_kwargs or {},

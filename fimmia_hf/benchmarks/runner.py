@@ -15,14 +15,14 @@ from . import BENCHMARKS, LONG
 
 
 def run_benchmarks(names: list[str], *, n_samples: int | None = None, seeds: int | None = None,
-                   neighbor_kwargs: dict[str, Any] | None = None,
+                   neighbor_kwargs: dict[str, Any] | None = None, jobs: int | None = None,
                    json_path: str | None = None) -> dict[str, dict[str, Any]]:
-    """Each benchmark's figures by name; `n_samples` overrides every benchmark's own default, `seeds` and
-    `neighbor_kwargs` those of the benchmarks that take them."""
+    """Each benchmark's figures by name; `n_samples` overrides every benchmark's own default, `seeds`,
+    `neighbor_kwargs` and `jobs` those of the benchmarks that take them."""
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         raise ValueError(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
-    given = {"n_samples": n_samples, "seeds": seeds, "neighbor_kwargs": neighbor_kwargs}
+    given = {"n_samples": n_samples, "seeds": seeds, "neighbor_kwargs": neighbor_kwargs, "jobs": jobs}
     options = {key: value for key, value in given.items() if value is not None}
     results = {}
     for name in names:
@@ -67,6 +67,8 @@ class BenchArguments:
     seeds: int | None = HfArg(default=None, help="seeds for the benchmarks that repeat over them (attack: default 3)")
     neighbor_kwargs: str | None = HfArg(default=None, help="attack: NeighborGenerator settings as JSON, e.g. "
                                         "'{\"protect_template\": true}'")
+    jobs: int | None = HfArg(default=None, help="attack: processes that run the modalities and seeds side by side "
+                             "(default: one per run, at most one more than the CPU cores; 1: one after the other)")
     out: str | None = HfArg(default=None, help="also write the figures to this JSON file")
 
 
@@ -76,6 +78,6 @@ def run_bench(args: BenchArguments) -> int:
     names = args.benchmarks or [name for name in BENCHMARKS if name not in LONG]
     neighbor_kwargs = json_object(args.neighbor_kwargs, "neighbor-kwargs") if args.neighbor_kwargs else None
     results = run_benchmarks(names, n_samples=args.samples, seeds=args.seeds, neighbor_kwargs=neighbor_kwargs,
-                             json_path=args.out)
+                             jobs=args.jobs, json_path=args.out)
     _print_table(results)
     return 0
