@@ -142,7 +142,8 @@ def demo(
 ) -> dict[str, Any]:
     """Run the demo into `out_dir`; returns the summary (also written to `summary.md` / `summary.json`).
 
-    `jobs` processes run the modalities (`side_by_side`'s default: one per modality on 2 cores and more)."""
+    `jobs` processes run the modalities side by side (default: one per modality where the cores allow, as
+    `side_by_side` chooses; 1: one after the other)."""
     import datasets
     from transformers import pipeline
 
@@ -156,7 +157,8 @@ def demo(
     _step("the kit's component models: a trained T5 infiller, text and media encoders (built once, then cached)")
     models = component_models(out / "models", modalities, seed=seed)
 
-    _step(f"{', '.join(modalities)}, side by side (their steps interleave below)")
+    if jobs != 1:
+        _step(f"{', '.join(modalities)} side by side (their steps interleave below)")
     runs = side_by_side(run_modality, [dict(modality=m, out=out, n=n, k=k, seed=seed, epochs=epochs, models=models,
                                             member_fraction=member_fraction) for m in modalities], jobs=jobs)
     reports, held_out, verdicts = {}, {}, {}
