@@ -157,7 +157,7 @@ def demo(
     _step("the kit's component models: a trained T5 infiller, text and media encoders (built once, then cached)")
     models = component_models(out / "models", modalities, seed=seed)
 
-    if jobs != 1:
+    if jobs != 1 and len(modalities) > 1:
         _step(f"{', '.join(modalities)} side by side (their steps interleave below)")
     runs = side_by_side(run_modality, [dict(modality=m, out=out, n=n, k=k, seed=seed, epochs=epochs, models=models,
                                             member_fraction=member_fraction) for m in modalities], jobs=jobs)
