@@ -124,9 +124,16 @@ def _summary_rows(reports: dict[tuple[str, str], dict[str, Any]], verdicts: dict
             "best classic attack": f"{classic} {methods[classic]['auc']:.2f}" if classic else "n/a",
             "best blind baseline": f"{blind.removeprefix('blind: ')} {methods[blind]['auc']:.2f}" if blind else "n/a",
             "dataset-level p": f"{verdict['p_value']:.1e}" if verdict else "n/a",
-            "shift warning": "YES" if any(w.startswith("DISTRIBUTION SHIFT") for w in report["warnings"]) else "no",
+            "shift warning": _shift_cell(report["warnings"]),
         })
     return rows
+
+
+def _shift_cell(warnings: list[str]) -> str:
+    from .report import CHANCE_NOTE
+
+    shift = next((w for w in warnings if w.startswith("DISTRIBUTION SHIFT")), None)
+    return "no" if shift is None else "YES, may be chance" if CHANCE_NOTE in shift else "YES"
 
 
 def _markdown_table(rows: list[dict[str, str]]) -> str:

@@ -3,7 +3,9 @@
 A membership result means little without a model-free control on the same split: if a classifier that
 never queries the model separates members from non-members, the split is shifted and the attack may be
 measuring the shift. So the report always puts the blind baselines beside the detector, states the lift
-over the best of them, and warns loudly when any of them reaches AUC >= 0.6.
+over the best of them, and warns loudly when any of them reaches AUC >= 0.6. With a few dozen samples and
+several baselines one of them gets there by chance now and then, so the warning also gives each flagged
+baseline's permutation p-value, adjusted for the number of baselines, and says when none is significant.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .data import SampleError, labels_of, table_column, table_columns
 from .metrics import json_safe, membership_metrics, plot_roc
 
 SHIFT_WARNING_AUC = 0.6
+CHANCE_NOTE = "No flagged baseline is significant after adjusting for their number: with this few samples it may be chance"
 # warnings that head the report (and the console) instead of waiting in the notes at its end
 HEADLINE_WARNINGS = ("DISTRIBUTION SHIFT", "PERMUTED-LABEL CHECK")
 _SUMMARY_KEYS = ("auc", "tpr@0.1%fpr", "tpr@1%fpr", "tpr@5%fpr", "fpr@95%tpr")
@@ -96,6 +99,9 @@ def build_report(
 
     blind_names = [n for n, m in methods.items() if m["kind"] == "blind baseline"]
     best_blind = max(blind_names, key=lambda n: methods[n]["auc"], default=None)
+    for name in blind_names:  # one question (is the split shifted?) asked of every baseline: adjust for their number
+        p_value = permutation_p_value(labels, scores_of[name], seed=seed)
+        methods[name]["shift_p_value"] = min(1.0, p_value * len(blind_names))
     warnings: list[str] = []
     shift_warning = _shift_warning(methods, blind_names)
     if shift_warning:
@@ -176,9 +182,26 @@ def _shift_warning(methods: dict, blind_names: list[str]) -> str | None:
         f"model ({listed}). Members and non-members differ in ways visible without the model; membership claims "
         "from this split are not supported."
     )
-    if all(methods[n]["auc_ci"][0] <= 0.5 for n in shifted):
-        warning += " Every flagged interval includes 0.5: with this few samples it may be chance; a larger split tells."
+    if not any(methods[n]["shift_p_value"] < 0.05 for n in shifted):
+        p_values = ", ".join(f"{n} {methods[n]['shift_p_value']:.2f}" for n in shifted)
+        warning += (f" {CHANCE_NOTE} (permutation p-values, Bonferroni-adjusted over the {len(blind_names)} blind "
+                    f"baselines: {p_values}); a larger split tells.")
     return warning
+
+
+def permutation_p_value(labels: Sequence[int], scores: Sequence[float], *, permutations: int = 2000,
+                        seed: int = 0) -> float:
+    """One-sided p-value of an AUC at least this high when the labels carry no information about the scores
+    (a blind baseline's held-out scores under no shift): the share of label permutations whose members' rank
+    sum, which orders AUCs, reaches the observed one."""
+    from scipy.stats import rankdata
+
+    members = np.asarray(labels) == 1
+    ranks = rankdata(np.asarray(scores, dtype=float))
+    rng = np.random.default_rng(seed)
+    drawn = np.argsort(rng.random((permutations, len(ranks))), axis=1)[:, : int(members.sum())]
+    reached = np.sum(ranks[drawn].sum(axis=1) >= ranks[members].sum() - 1e-9)
+    return float((1 + reached) / (1 + permutations))
 
 
 def _markdown(report: dict, methods: dict, detectors: list[str], classic: list[str], blind_names: list[str]) -> str:
