@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 from transformers.hf_argparser import HfArg
 
-from .recipe import MEMBER_EPOCHS, MEMBER_FRACTION
+from .recipe import MEMBER_FRACTION
 
 MODALITIES = ("image", "audio", "video")
 PAIRED_NOTE = ("No blind baselines and no embedding-only head: both rows of a sample share their inputs (base vs "
@@ -53,7 +53,7 @@ def _dataset_verdict(test: Any, scores: np.ndarray, seed: int) -> dict[str, Any]
     }
 
 
-def run_modality(modality: str, out: Path, *, n: int, k: int, seed: int, epochs: int, models: dict[str, str],
+def run_modality(modality: str, out: Path, *, n: int, k: int, seed: int, epochs: int | None, models: dict[str, str],
                  member_fraction: float) -> dict[str, Any]:
     """Every stage for one modality; returns the two protocols' reports and the dataset-level verdict."""
     from . import split_samples
@@ -145,7 +145,7 @@ def _markdown_table(rows: list[dict[str, str]]) -> str:
 
 def demo(
     out_dir: str | Path = "demo_output", *, modalities: tuple[str, ...] = MODALITIES, n: int = 128, k: int = 8,
-    epochs: int = MEMBER_EPOCHS, member_fraction: float = MEMBER_FRACTION, seed: int = 0, jobs: int | None = None,
+    epochs: int | None = None, member_fraction: float = MEMBER_FRACTION, seed: int = 0, jobs: int | None = None,
 ) -> dict[str, Any]:
     """Run the demo into `out_dir`; returns the summary (also written to `summary.md` / `summary.json`).
 
@@ -225,7 +225,8 @@ class DemoArguments:
                                   help="modalities to run")
     samples: int = HfArg(default=128, help="samples per modality")
     member_fraction: float = HfArg(default=MEMBER_FRACTION, help="share of the samples the target is fine-tuned on")
-    epochs: int = HfArg(default=MEMBER_EPOCHS, help="SFT-LoRA epochs on the members")
+    epochs: int | None = HfArg(default=None, help="SFT-LoRA epochs on the members (default: the recipe's for each "
+                               "modality, fimmia_hf.recipe.MEMBER_EPOCHS)")
     num_neighbors: int = HfArg(default=8, help="K neighbours per sample")
     seed: int = HfArg(default=0, help="seed of the data, the models and every stage")
     jobs: int | None = HfArg(default=None, help="processes that run the modalities side by side, sharing the "

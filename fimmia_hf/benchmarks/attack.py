@@ -37,7 +37,6 @@ def benchmark(
 
     from ..recipe import MEMBER_EPOCHS, MEMBER_FRACTION, component_models, side_by_side
 
-    epochs = epochs or MEMBER_EPOCHS
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory(prefix="fimmia-bench-attack-") as tmp:
         root = Path(workdir or tmp)
@@ -48,12 +47,12 @@ def benchmark(
         runs = {m: done[i * seeds:(i + 1) * seeds] for i, m in enumerate(modalities)}
     return {
         "samples": n_samples, "member_fraction": MEMBER_FRACTION, "seeds": seeds, "neighbors": k,
-        "member_epochs": epochs, "neighbor_kwargs": neighbor_kwargs or {},
+        "member_epochs": epochs or {m: MEMBER_EPOCHS[m] for m in modalities}, "neighbor_kwargs": neighbor_kwargs or {},
         "modalities": {m: _summarise(r) for m, r in runs.items()},
     }
 
 
-def _one_run(modality: str, out: Path, *, n: int, k: int, seed: int, epochs: int, models: dict[str, str],
+def _one_run(modality: str, out: Path, *, n: int, k: int, seed: int, epochs: int | None, models: dict[str, str],
              neighbor_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     from .. import split_samples
     from ..recipe import detector_config, detector_scores, scored_tables
